@@ -1,0 +1,3 @@
+"""livepart: convert a large, live PostgreSQL table into a range-partitioned one."""
+
+__version__ = "0.1.0"
