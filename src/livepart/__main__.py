@@ -1,0 +1,3 @@
+from livepart.cli import app
+
+app(prog_name="livepart")
