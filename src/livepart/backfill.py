@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from .catalog import Table
+from .catalog import Table, estimate_rows
 from .ident import column_list, qualified, quote_ident
 from .plan import Plan
 from .state import MigrationState, Phase, update_state
@@ -92,7 +92,7 @@ async def run_backfill(worker: Worker, plan: Plan, state: MigrationState) -> Non
             await update_state(
                 conn, table.schema, table.name, upper_bound=bound,
                 backfill_started_at=await conn.fetchval("SELECT now()"),
-                rows_estimated=max(table.estimated_rows, 0),
+                rows_estimated=await estimate_rows(conn, table.schema, plan.names.table),
             )
             return bound
 
@@ -101,9 +101,8 @@ async def run_backfill(worker: Worker, plan: Plan, state: MigrationState) -> Non
                         order=plan.order_columns)
 
     copier = BatchCopier(worker, plan, list(upper_bound))
-    checkpoint = list(state.checkpoint) if state.checkpoint else None
     if upper_bound:
-        await copier.copy_all(checkpoint)
+        await copier.copy_all()
 
     async def finish(conn: asyncpg.Connection) -> None:
         await update_state(conn, table.schema, table.name, phase=Phase.VERIFY, throttle=None)
@@ -154,16 +153,16 @@ class BatchCopier:
             f"ON CONFLICT DO NOTHING"
         )
 
-    async def copy_all(self, checkpoint: list[str] | None) -> None:
+    async def copy_all(self) -> None:
         started = time.monotonic()
         last_progress = started
         copied_this_run = 0
         while True:
             await self._throttle()
-            result = await self.worker.db.run("backfill.batch", lambda conn: self._batch(conn, checkpoint))
+            result = await self.worker.db.run("backfill.batch", self._batch)
             if result is None:
                 return
-            checkpoint, rows, inserted, stored_bytes, seconds = result
+            rows, inserted, stored_bytes, seconds = result
             copied_this_run += rows
             self.worker.log.info(
                 "backfill.batch", rows=rows, inserted=inserted, stored_bytes=stored_bytes,
@@ -189,19 +188,27 @@ class BatchCopier:
             await self.worker.db.run("backfill.throttle", record)
         await self.worker.throttler.wait(self.worker.stop)
 
-    async def _batch(
-        self, conn: asyncpg.Connection, checkpoint: list[str] | None
-    ) -> tuple[list[str], int, int, int, float] | None:
-        """Copy one batch; return (new checkpoint, rows, inserted, bytes, seconds) or None when done."""
+    async def _batch(self, conn: asyncpg.Connection) -> tuple[int, int, int, float] | None:
+        """Copy one batch; return (rows, inserted, bytes, seconds) or None when done.
+
+        The checkpoint is read from the state row, not kept in memory: after a lost
+        connection the previous COMMIT may have succeeded without its acknowledgement.
+        """
         settings = self.worker.settings
-        has_lower = checkpoint is not None
-        arguments = list(self.upper_bound) + (list(checkpoint) if has_lower else [])
         started = time.monotonic()
         async with conn.transaction():
+            checkpoint = await conn.fetchval(
+                "SELECT checkpoint FROM livepart.migration WHERE table_schema = $1 AND table_name = $2 "
+                "FOR UPDATE",
+                self.plan.table.schema, self.plan.table.name,
+            )
+            has_lower = checkpoint is not None
+            arguments = list(self.upper_bound) + (list(checkpoint) if has_lower else [])
             candidates = await conn.fetch(self._cut_sql(has_lower), *arguments, settings.batch_size)
             if not candidates:
                 return None
             cut, rows, stored_bytes = self._cut(candidates, settings.max_batch_bytes)
+            self.worker.log.debug("backfill.read", rows=rows)
             await self.worker.pause_point("backfill.before_copy")
             status = await conn.execute(
                 self._copy_sql(has_lower), *(list(cut) + (list(checkpoint) if has_lower else []))
@@ -214,7 +221,7 @@ class BatchCopier:
                 self.plan.table.schema, self.plan.table.name, cut, rows,
             )
             await self.worker.pause_point("backfill.before_commit")
-        return cut, rows, inserted, stored_bytes, time.monotonic() - started
+        return rows, inserted, stored_bytes, time.monotonic() - started
 
     def _cut(self, candidates: list[asyncpg.Record], max_bytes: int) -> tuple[list[str], int, int]:
         """Take the longest prefix within the byte cap, and always at least one row."""

@@ -6,9 +6,12 @@ pg_get_* functions print is schema-qualified and can be replayed as-is.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import asyncpg
+
+from .ident import qualified
 
 TIME_TYPES = ("timestamp", "timestamptz", "date")
 INTEGER_TYPES = ("int2", "int4", "int8")
@@ -457,3 +460,10 @@ async def trigger_state(conn: asyncpg.Connection, schema: str, table: str, trigg
         table,
         trigger,
     )
+
+
+async def estimate_rows(conn: asyncpg.Connection, schema: str, name: str) -> int:
+    """Return the planner's row estimate, which also covers never-analyzed tables."""
+    plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {qualified(schema, name)}")
+    document = json.loads(plan) if isinstance(plan, str) else plan
+    return int(document[0]["Plan"]["Plan Rows"])

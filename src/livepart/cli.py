@@ -32,6 +32,7 @@ EXIT_CODES = """Exit codes: 0 done; 1 failed (state saved, run again to resume);
 
 app = typer.Typer(
     add_completion=False,
+    pretty_exceptions_enable=False,
     no_args_is_help=True,
     help="Convert a large, live PostgreSQL table into a range-partitioned one, online.\n\n" + EXIT_CODES,
 )
@@ -56,8 +57,13 @@ LockTimeoutOption = typer.Option(
 
 
 def _settings(**values: Any) -> Settings:
+    """Build the frozen settings; invalid values print one line and exit 2."""
     values["dsn"] = values.get("dsn") or ""
-    return Settings(unsafe_no_row_locks=unsafe_no_row_locks_from_env(), **values)
+    try:
+        return Settings(unsafe_no_row_locks=unsafe_no_row_locks_from_env(), **values)
+    except InvalidInput as error:
+        err.print(f"error: {error}", markup=False, soft_wrap=True)
+        raise typer.Exit(InvalidInput.exit_code) from None
 
 
 def _execute(factory: Callable[[asyncio.Event], Awaitable[T]], *, debug: bool) -> T:

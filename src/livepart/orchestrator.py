@@ -60,6 +60,10 @@ async def open_worker(settings: Settings, stop: asyncio.Event | None = None) -> 
     log = structlog.get_logger().bind(migration=settings.migration_id)
 
     async def take_lock(conn: asyncpg.Connection) -> None:
+        if int(await conn.fetchval("SHOW server_version_num")) >= 140000:
+            # A killed worker's backend notices the closed socket within a second even
+            # in the middle of a statement, so its row locks and worker lock go away.
+            await conn.execute("SET client_connection_check_interval = 1000")
         await acquire_worker_lock(conn, settings.migration_id)
 
     db = Database(settings.dsn, lock_timeout_ms=settings.lock_timeout_ms, retries=settings.retries,
@@ -249,7 +253,7 @@ async def _reinstall_trigger(worker: Worker, plan: Plan, state: MigrationState) 
         await update_state(conn, plan.table.schema, plan.table.name, verify_checkpoint=None)
 
     await worker.db.run("trigger.reset", reset)
-    await install_forward_trigger(worker, plan)  # sets the phase to backfill
+    await install_forward_trigger(worker, plan, replace=True)  # sets the phase to backfill
     if next_phase != Phase.BACKFILL:
         await _set_phase(worker, next_phase)
 

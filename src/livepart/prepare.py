@@ -90,18 +90,27 @@ async def grant_state_access(worker: Worker, owner: str) -> None:
     await worker.db.run("prepare.grants", work)
 
 
-async def install_forward_trigger(worker: Worker, plan: Plan) -> None:
+async def install_forward_trigger(worker: Worker, plan: Plan, *, replace: bool = False) -> None:
     """Install the dual-write trigger and move to the backfill phase, in one transaction.
 
     CREATE TRIGGER waits for SHARE ROW EXCLUSIVE on the old table, so every
     write already in flight finishes first and every later write fires the
-    trigger. The wait is bounded by lock_timeout and retried.
+    trigger. The wait is bounded by lock_timeout and retried. With `replace`,
+    existing triggers are dropped first; without it, a retry after a commit
+    whose acknowledgement was lost finds the phase already moved on and stops.
     """
     spec = plan.forward_trigger()
-    statements = install_statements(spec, plan.table.owner)
+    statements = (drop_statements(spec) if replace else []) + install_statements(spec, plan.table.owner)
 
     async def work(conn: asyncpg.Connection) -> None:
         async with conn.transaction():
+            phase = await conn.fetchval(
+                f"SELECT phase FROM {STATE_SCHEMA}.migration WHERE table_schema = $1 AND table_name = $2 "
+                "FOR UPDATE",
+                plan.table.schema, plan.table.name,
+            )
+            if phase != Phase.PREPARE.value and not replace:
+                return
             for sql in statements:
                 await conn.execute(sql)
             await update_state(conn, plan.table.schema, plan.table.name, phase=Phase.BACKFILL)

@@ -228,6 +228,7 @@ async def run_swap(worker: Worker, plan: Plan) -> float:
                                    swapped_at=await conn.fetchval("SELECT now()"))
                 await worker.pause_point("swap.before_commit")
             held["ms"] = (time.monotonic() - locked_at) * 1000
+            await worker.pause_point("swap.after_commit")
         except asyncpg.LockNotAvailableError:
             await _log_blockers(worker, conn, live)
             raise

@@ -128,6 +128,7 @@ class RangeVerifier:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 upper = await self._next_upper(conn, lower)
                 rows, equal = await self._compare(conn, lower, upper)
+                await self.worker.pause_point("verify.range")
             return upper, rows, equal
 
         upper, rows, equal = await self.worker.db.run("verify.range", work)
