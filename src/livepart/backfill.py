@@ -6,6 +6,14 @@ ends even while the application keeps inserting, because rows above the bound
 reach the shadow through the trigger. Each batch commits together with its
 checkpoint.
 
+With a time partition key, the copy is also capped at the server's time when
+the bound is frozen: batches copy only rows dated at or before the cap. New
+rows may sort below the bound (a future-dated row raises the bound, a random
+or text primary key puts new keys anywhere), and without the cap the copy
+could chase the insert stream forever. The rows already dated after the cap
+are recorded by key when the bound is frozen, and a second pass copies
+exactly those.
+
 The race: a batch reads a row, a concurrent DELETE (or an UPDATE that moves the
 row to another partition) commits and its trigger finds nothing to delete in
 the shadow, then the batch inserts the stale row, a ghost. Batches therefore
@@ -25,8 +33,9 @@ import asyncpg
 
 from .catalog import Table, estimate_rows
 from .ident import column_list, qualified, quote_ident
+from .partitions import key_kind
 from .plan import Plan
-from .state import MigrationState, Phase, update_state
+from .state import STATE_SCHEMA, MigrationState, Phase, update_state
 from .worker import Worker, test_pauses
 
 PROGRESS_INTERVAL_SECONDS = 10.0
@@ -72,50 +81,102 @@ def stored_size_sql(table: Table, alias: str) -> str:
     )
 
 
-async def freeze_upper_bound(conn: asyncpg.Connection, plan: Plan) -> list[str]:
-    """Return the last row in keyset order; every row older than the trigger is at or below it."""
+def time_cap_sql(plan: Plan) -> str | None:
+    """SQL for "now" in the key's own type, or None for an integer key."""
+    if key_kind(plan.key.type_name) != "time":
+        return None
+    if plan.key.type_name == "timestamptz":
+        return "pg_catalog.now()"
+    return f"(pg_catalog.now() AT TIME ZONE 'UTC')::{plan.key.type_sql}"
+
+
+async def freeze_upper_bound(conn: asyncpg.Connection, plan: Plan) -> tuple[list[str], str | None, int]:
+    """Freeze what the copy covers; return (upper bound, time cap, rows recorded beyond the cap).
+
+    Every row that existed when the trigger went live is at or below the bound,
+    or recorded in livepart.backfill_pending because its key lies after the cap.
+    """
     keyset = KeysetQuery(plan.table, "src", plan.order_columns)
+    source = qualified(plan.table.schema, plan.names.table)
+    key = f"src.{quote_ident(plan.key.name)}"
+    cap_sql = time_cap_sql(plan)
+    cap = await conn.fetchval(f"SELECT ({cap_sql})::text") if cap_sql else None
+    below_cap = f"WHERE {key} <= $1::text::{plan.key.type_sql}" if cap else ""
     row = await conn.fetchrow(
-        f"SELECT {keyset.as_text()} FROM {qualified(plan.table.schema, plan.names.table)} AS src "
-        f"ORDER BY {keyset.order_by(descending=True)} LIMIT 1"
+        f"SELECT {keyset.as_text()} FROM {source} AS src {below_cap} "
+        f"ORDER BY {keyset.order_by(descending=True)} LIMIT 1",
+        *([cap] if cap else []),
     )
-    return list(row.values()) if row else []
+    bound = list(row.values()) if row else []
+    pending = 0
+    if cap:
+        status = await conn.execute(
+            f"INSERT INTO {STATE_SCHEMA}.backfill_pending (table_schema, table_name, ordinal, key) "
+            f"SELECT $2, $3, row_number() OVER (ORDER BY {keyset.order_by()}), ARRAY[{keyset.as_text()}] "
+            f"FROM {source} AS src WHERE {key} > $1::text::{plan.key.type_sql}",
+            cap, plan.table.schema, plan.table.name,
+        )
+        pending = int(status.split()[-1])
+    return bound, cap, pending
 
 
 async def run_backfill(worker: Worker, plan: Plan, state: MigrationState) -> None:
     table = plan.table
-    upper_bound = state.upper_bound
+    upper_bound, pending = state.upper_bound, state.pending_rows
     if upper_bound is None:
 
-        async def freeze(conn: asyncpg.Connection) -> list[str]:
-            bound = await freeze_upper_bound(conn, plan)
-            await update_state(
-                conn, table.schema, table.name, upper_bound=bound,
-                backfill_started_at=await conn.fetchval("SELECT now()"),
-                rows_estimated=await estimate_rows(conn, table.schema, plan.names.table),
-            )
-            return bound
+        async def freeze(conn: asyncpg.Connection) -> tuple[list[str], int]:
+            async with conn.transaction():
+                await conn.execute(
+                    f"DELETE FROM {STATE_SCHEMA}.backfill_pending WHERE table_schema = $1 AND table_name = $2",
+                    table.schema, table.name,
+                )
+                bound, cap, pending_rows = await freeze_upper_bound(conn, plan)
+                await update_state(
+                    conn, table.schema, table.name, upper_bound=bound, freeze_cap=cap,
+                    pending_rows=pending_rows, pending_checkpoint=0,
+                    backfill_started_at=await conn.fetchval("SELECT now()"),
+                    rows_estimated=await estimate_rows(conn, table.schema, plan.names.table),
+                )
+            return bound, pending_rows
 
-        upper_bound = await worker.db.run("backfill.freeze", freeze)
-        worker.log.info("backfill.start", estimated_rows=table.estimated_rows,
-                        order=plan.order_columns)
+        upper_bound, pending = await worker.db.run("backfill.freeze", freeze)
+        worker.log.info("backfill.start", order=plan.order_columns, rows_after_time_cap=pending)
 
-    copier = BatchCopier(worker, plan, list(upper_bound))
+    copier = BatchCopier(worker, plan, list(upper_bound), (await _reload_cap(worker, plan)))
     if upper_bound:
         await copier.copy_all()
+    if pending:
+        await copier.copy_pending(pending)
 
     async def finish(conn: asyncpg.Connection) -> None:
-        await update_state(conn, table.schema, table.name, phase=Phase.VERIFY, throttle=None)
+        async with conn.transaction():
+            await conn.execute(
+                f"DELETE FROM {STATE_SCHEMA}.backfill_pending WHERE table_schema = $1 AND table_name = $2",
+                table.schema, table.name,
+            )
+            await update_state(conn, table.schema, table.name, phase=Phase.VERIFY, throttle=None)
 
     await worker.db.run("backfill.finish", finish)
     worker.log.info("backfill.done")
 
 
+async def _reload_cap(worker: Worker, plan: Plan) -> str | None:
+    async def work(conn: asyncpg.Connection) -> str | None:
+        return await conn.fetchval(
+            f"SELECT freeze_cap FROM {STATE_SCHEMA}.migration WHERE table_schema = $1 AND table_name = $2",
+            plan.table.schema, plan.table.name,
+        )
+
+    return await worker.db.run("backfill.cap", work)
+
+
 class BatchCopier:
-    def __init__(self, worker: Worker, plan: Plan, upper_bound: list[str]) -> None:
+    def __init__(self, worker: Worker, plan: Plan, upper_bound: list[str], cap: str | None) -> None:
         self.worker = worker
         self.plan = plan
         self.upper_bound = upper_bound
+        self.cap = cap
         self.keyset = KeysetQuery(plan.table, "src", plan.order_columns)
         self.source = qualified(plan.table.schema, plan.names.table)
         self.target = qualified(plan.table.schema, plan.names.shadow)
@@ -124,14 +185,20 @@ class BatchCopier:
         self._throttle_reason: str | None = None
 
     def _range_predicate(self, has_lower: bool) -> str:
-        """`lower < row <= upper`; parameters: upper first, then lower."""
-        upper = self.keyset.at_most(1)
-        if not has_lower:
-            return upper
-        return f"{self.keyset.after(1 + self.width)} AND {upper}"
+        """`lower < row <= upper` and `key <= cap`; parameters: upper, then lower, then the cap."""
+        parts = [self.keyset.at_most(1)]
+        if has_lower:
+            parts.append(self.keyset.after(1 + self.width))
+        if self.cap is not None:
+            position = 1 + self.width * (2 if has_lower else 1)
+            parts.append(f"src.{quote_ident(self.plan.key.name)} <= ${position}::text::{self.plan.key.type_sql}")
+        return " AND ".join(parts)
+
+    def _parameters(self, upper: list[str], lower: list[str] | None) -> list[str]:
+        return list(upper) + (list(lower) if lower is not None else []) + ([self.cap] if self.cap else [])
 
     def _cut_sql(self, has_lower: bool) -> str:
-        limit = 1 + self.width * (2 if has_lower else 1)
+        limit = 1 + self.width * (2 if has_lower else 1) + (1 if self.cap is not None else 0)
         return (
             f"SELECT {self.keyset.as_text()}, {stored_size_sql(self.plan.table, 'src')} AS stored_bytes "
             f"FROM {self.source} AS src WHERE {self._range_predicate(has_lower)} "
@@ -203,16 +270,14 @@ class BatchCopier:
                 self.plan.table.schema, self.plan.table.name,
             )
             has_lower = checkpoint is not None
-            arguments = list(self.upper_bound) + (list(checkpoint) if has_lower else [])
+            arguments = self._parameters(self.upper_bound, checkpoint)
             candidates = await conn.fetch(self._cut_sql(has_lower), *arguments, settings.batch_size)
             if not candidates:
                 return None
             cut, rows, stored_bytes = self._cut(candidates, settings.max_batch_bytes)
             self.worker.log.debug("backfill.read", rows=rows)
             await self.worker.pause_point("backfill.before_copy")
-            status = await conn.execute(
-                self._copy_sql(has_lower), *(list(cut) + (list(checkpoint) if has_lower else []))
-            )
+            status = await conn.execute(self._copy_sql(has_lower), *self._parameters(cut, checkpoint))
             inserted = int(status.split()[-1])
             await conn.execute(
                 "UPDATE livepart.migration SET checkpoint = $3, rows_copied = rows_copied + $4, "
@@ -222,6 +287,54 @@ class BatchCopier:
             )
             await self.worker.pause_point("backfill.before_commit")
         return rows, inserted, stored_bytes, time.monotonic() - started
+
+    async def copy_pending(self, total: int) -> None:
+        """Copy the rows recorded beyond the time cap, a batch of ordinals at a time."""
+        while True:
+            await self._throttle()
+            result = await self.worker.db.run("backfill.pending", self._pending_batch)
+            if result is None:
+                return
+            rows, inserted, seconds = result
+            self.worker.log.info("backfill.pending_batch", rows=rows, inserted=inserted, of=total,
+                                 ms=round(seconds * 1000, 1))
+
+    def _pending_sql(self) -> str:
+        columns = self.plan.table.copied_columns
+        overriding = " OVERRIDING SYSTEM VALUE" if any(c.identity for c in self.plan.table.columns) else ""
+        locking = " FOR SHARE OF src NOWAIT" if self.lock_rows else ""
+        match = " AND ".join(
+            f"src.{quote_ident(column)} = p.key[{number}]::text::{self.plan.table.column(column).type_sql}"
+            for number, column in enumerate(self.plan.order_columns, start=1)
+        )
+        return (
+            f"INSERT INTO {self.target} ({column_list(columns)}){overriding} "
+            f"SELECT {column_list(columns, 'src')} FROM {STATE_SCHEMA}.backfill_pending AS p "
+            f"JOIN {self.source} AS src ON {match} "
+            f"WHERE p.table_schema = $1 AND p.table_name = $2 AND p.ordinal > $3 AND p.ordinal <= $4"
+            f"{locking} ON CONFLICT DO NOTHING"
+        )
+
+    async def _pending_batch(self, conn: asyncpg.Connection) -> tuple[int, int, float] | None:
+        schema, name = self.plan.table.schema, self.plan.table.name
+        started = time.monotonic()
+        async with conn.transaction():
+            done, total = await conn.fetchrow(
+                f"SELECT pending_checkpoint, pending_rows FROM {STATE_SCHEMA}.migration "
+                "WHERE table_schema = $1 AND table_name = $2 FOR UPDATE",
+                schema, name,
+            )
+            if done >= total:
+                return None
+            last = min(done + self.worker.settings.batch_size, total)
+            status = await conn.execute(self._pending_sql(), schema, name, done, last)
+            await conn.execute(
+                f"UPDATE {STATE_SCHEMA}.migration SET pending_checkpoint = $3, "
+                "rows_copied = rows_copied + $4, checkpoint_at = now(), updated_at = now() "
+                "WHERE table_schema = $1 AND table_name = $2",
+                schema, name, last, last - done,
+            )
+        return last - done, int(status.split()[-1]), time.monotonic() - started
 
     def _cut(self, candidates: list[asyncpg.Record], max_bytes: int) -> tuple[list[str], int, int]:
         """Take the longest prefix within the byte cap, and always at least one row."""

@@ -51,6 +51,9 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.migration (
     order_columns text[] NOT NULL,
     upper_bound text[],
     checkpoint text[],
+    freeze_cap text,
+    pending_rows bigint NOT NULL DEFAULT 0,
+    pending_checkpoint bigint NOT NULL DEFAULT 0,
     rows_estimated bigint NOT NULL DEFAULT 0,
     rows_copied bigint NOT NULL DEFAULT 0,
     batches bigint NOT NULL DEFAULT 0,
@@ -76,6 +79,13 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.migration (
     updated_at timestamptz NOT NULL DEFAULT now(),
     phase_started_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_schema, table_name)
+);
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.backfill_pending (
+    table_schema text NOT NULL,
+    table_name text NOT NULL,
+    ordinal bigint NOT NULL,
+    key text[] NOT NULL,
+    PRIMARY KEY (table_schema, table_name, ordinal)
 );
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.trigger_error (
     id bigserial PRIMARY KEY,
@@ -209,11 +219,12 @@ async def delete_state(conn: asyncpg.Connection, schema: str, table: str) -> Non
         schema,
         table,
     )
-    await conn.execute(
-        f"DELETE FROM {STATE_SCHEMA}.trigger_error WHERE table_schema = $1 AND table_name = $2",
-        schema,
-        table,
-    )
+    for side_table in ("trigger_error", "backfill_pending"):
+        await conn.execute(
+            f"DELETE FROM {STATE_SCHEMA}.{side_table} WHERE table_schema = $1 AND table_name = $2",
+            schema,
+            table,
+        )
 
 
 async def count_trigger_errors(conn: asyncpg.Connection, schema: str, table: str) -> int:
