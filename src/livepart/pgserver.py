@@ -388,6 +388,9 @@ def _stop_live_servers() -> None:
 
 def _stop_servers_and_terminate(signum: int, frame: object) -> None:
     """Stop every live server, then end the process by SIGTERM as the default handler would."""
+    # A second SIGTERM (a supervisor often sends one to every process of a group) must not
+    # re-enter this handler and end the process before the first stop has finished.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _stop_live_servers()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
