@@ -415,9 +415,11 @@ async def test_future_dated_row_does_not_stall_copy(dsn, monkeypatch) -> None:
         stop.set()
         await writing
 
+        # Rows that the writer commits while the bound is being frozen may be recorded too.
         starts = [e for e in logs if e["event"] == "backfill.start"]
-        assert starts[0]["rows_after_time_cap"] == 1
-        assert sum(e["rows"] for e in logs if e["event"] == "backfill.pending_batch") == 1
+        assert starts[0]["rows_after_time_cap"] >= 1
+        pending = sum(e["rows"] for e in logs if e["event"] == "backfill.pending_batch")
+        assert pending == starts[0]["rows_after_time_cap"]
         assert await conn.fetchval("SELECT count(*) FROM events WHERE id = 'future'") == 1
         difference = await conn.fetchval(
             "SELECT count(*) FROM ((SELECT * FROM events EXCEPT ALL SELECT * FROM events_control) "
