@@ -127,6 +127,13 @@ async def test_stress_detects_race_without_row_locks(dsn, monkeypatch) -> None:
     assert outcome.comparison.ok
 
 
+async def rows_differing_from_control(conn: asyncpg.Connection) -> int:
+    """Count rows that are in events or events_control but not in both, duplicates included."""
+    return await conn.fetchval(
+        "SELECT count(*) FROM ((SELECT * FROM events EXCEPT ALL SELECT * FROM events_control) "
+        "UNION ALL (SELECT * FROM events_control EXCEPT ALL SELECT * FROM events)) d")
+
+
 async def _verified_events(dsn: str, hooks, rows: int = 12) -> asyncpg.Connection:
     """Migrate an events table up to the swap, then stop: the state is verified and ready."""
     conn = await asyncpg.connect(dsn)
@@ -371,10 +378,7 @@ async def test_endless_inserts_and_huge_rows(dsn, hooks, monkeypatch) -> None:
         assert len(batches) >= 3  # the huge row could not share a batch with the small ones
         assert sum(e["rows"] for e in batches) <= counted_at_freeze[0] + 3
         assert inserted > sum(e["rows"] for e in batches)
-        difference = await conn.fetchval(
-            "SELECT count(*) FROM ((SELECT * FROM events EXCEPT ALL SELECT * FROM events_control) "
-            "UNION ALL (SELECT * FROM events_control EXCEPT ALL SELECT * FROM events)) d")
-        assert difference == 0
+        assert await rows_differing_from_control(conn) == 0
     finally:
         await writer_conn.close()
         await conn.close()
@@ -421,10 +425,7 @@ async def test_future_dated_row_does_not_stall_copy(dsn, monkeypatch) -> None:
         pending = sum(e["rows"] for e in logs if e["event"] == "backfill.pending_batch")
         assert pending == starts[0]["rows_after_time_cap"]
         assert await conn.fetchval("SELECT count(*) FROM events WHERE id = 'future'") == 1
-        difference = await conn.fetchval(
-            "SELECT count(*) FROM ((SELECT * FROM events EXCEPT ALL SELECT * FROM events_control) "
-            "UNION ALL (SELECT * FROM events_control EXCEPT ALL SELECT * FROM events)) d")
-        assert difference == 0
+        assert await rows_differing_from_control(conn) == 0
     finally:
         await writer_conn.close()
         await conn.close()
