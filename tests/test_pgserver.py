@@ -195,10 +195,10 @@ def test_restart_rejects_unknown_mode(pg_server: LocalPostgres) -> None:
 
 
 def test_context_manager_stops_on_exception() -> None:
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(RuntimeError, match="fails inside the block"):
         with LocalPostgres() as server:
             base_dir = server.base_dir
-            1 / 0
+            raise RuntimeError("the test fails inside the block")
 
     assert not base_dir.exists()
     assert wait_until_no_process_uses(base_dir) == []

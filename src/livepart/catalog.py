@@ -7,13 +7,15 @@ pg_get_* functions print is schema-qualified and can be replayed as-is.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import asyncpg
 
 from .ident import qualified
 
 TIME_TYPES = ("timestamp", "timestamptz", "date")
+# pg_trigger.tgenabled values that fire for ordinary sessions (origin and always).
+ENABLED_TRIGGER_FLAGS = ("O", "A")
 INTEGER_TYPES = ("int2", "int4", "int8")
 
 
@@ -120,7 +122,6 @@ class Table:
     publications: tuple[str, ...]
     statistics_objects: tuple[str, ...]
     rules: tuple[str, ...]
-    extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     def column(self, name: str) -> Column | None:
         return next((c for c in self.columns if c.name == name), None)

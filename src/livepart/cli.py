@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table as RichTable
 
 from . import __version__
 from .errors import Interrupted, InvalidInput, LivepartError

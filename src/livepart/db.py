@@ -140,6 +140,10 @@ class Database:
             raise asyncpg.InterfaceError("connection is closed")
         return self._conn
 
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
     async def open(self) -> asyncpg.Connection:
         """Open the first connection; failure here is bad input, not a retry."""
         self._conn = await connect_or_explain(self.dsn, lock_timeout_ms=self.lock_timeout_ms)

@@ -74,8 +74,8 @@ async def open_worker(settings: Settings, stop: asyncio.Event | None = None) -> 
         yield worker
     finally:
         with contextlib.suppress(Exception):
-            if db._conn is not None and not db._conn.is_closed():
-                await release_worker_lock(db._conn, settings.migration_id)
+            if db.is_open:
+                await release_worker_lock(db.conn, settings.migration_id)
         await db.close()
 
 

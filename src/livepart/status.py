@@ -7,14 +7,11 @@ from typing import Any
 
 import asyncpg
 
-from .catalog import trigger_state
+from .catalog import ENABLED_TRIGGER_FLAGS, trigger_state
 from .ident import quote_ident
 from .plan import Names
 from .state import Phase, count_trigger_errors, load_state
 from .trigger import EVENTS
-
-ENABLED_FLAGS = ("O", "A")
-
 
 async def collect_status(conn: asyncpg.Connection, schema: str, table: str) -> dict[str, Any]:
     state = await load_state(conn, schema, table)
@@ -77,7 +74,7 @@ async def _trigger_summary(conn: asyncpg.Connection, schema: str, table: str, pr
     return {
         "name": quote_ident(prefix) + "_*",
         "present": all(flag is not None for flag in flags),
-        "enabled": all(flag in ENABLED_FLAGS for flag in flags),
+        "enabled": all(flag in ENABLED_TRIGGER_FLAGS for flag in flags),
         "expected": True,
     }
 

@@ -18,16 +18,13 @@ from dataclasses import dataclass
 import asyncpg
 
 from . import ddl
-from .catalog import Table, load_table, relation_exists, trigger_state
+from .catalog import ENABLED_TRIGGER_FLAGS, Table, load_table, relation_exists, trigger_state
 from .errors import StateMismatch
 from .ident import derived_name, qualified, quote_ident
-from .plan import NEW_SUFFIX, Names, Plan, forward_trigger_spec, reverse_trigger_spec
+from .plan import NEW_SUFFIX, Names, Plan, forward_trigger_spec, reverse_trigger_spec, view_definitions
 from .state import STATE_SCHEMA, Phase, count_trigger_errors, load_state, update_state
 from .trigger import EVENTS, TriggerSpec, drop_statements, install_statements, trigger_name
 from .worker import Worker
-
-ENABLED_FLAGS = ("O", "A")  # tgenabled values that fire for ordinary sessions
-
 
 @dataclass(frozen=True)
 class Renames:
@@ -128,12 +125,6 @@ def swap_statements(plan: Plan) -> list[ddl.Statement]:
     return [ddl.Statement(statement, lock) for statement in sql]
 
 
-async def current_views(conn: asyncpg.Connection, table: Table) -> list[tuple[str, str, tuple[str, ...]]]:
-    from .plan import view_definitions
-
-    return await view_definitions(conn, table)
-
-
 async def check_forward_trigger(conn: asyncpg.Connection, spec: TriggerSpec, schema: str, table: str) -> list[str]:
     """Return the forward triggers that are missing or disabled."""
     problems = []
@@ -142,7 +133,7 @@ async def check_forward_trigger(conn: asyncpg.Connection, spec: TriggerSpec, sch
         flag = await trigger_state(conn, schema, table, name)
         if flag is None:
             problems.append(f"{name} is missing")
-        elif flag not in ENABLED_FLAGS:
+        elif flag not in ENABLED_TRIGGER_FLAGS:
             problems.append(f"{name} is disabled")
     return problems
 
@@ -208,7 +199,7 @@ async def run_swap(worker: Worker, plan: Plan) -> float:
                 await conn.execute(f"LOCK TABLE {shadow} IN ACCESS EXCLUSIVE MODE")
                 worker.log.info("swap.lock_acquired")
                 await _assert_ready(conn, plan, forward)
-                views = await current_views(conn, fresh)
+                views = await view_definitions(conn, fresh)
                 shadow_sequences = await _identity_sequences(conn, schema, names.shadow, names)
                 await worker.pause_point("swap.locked")
                 for sql in drop_statements(forward):
@@ -317,7 +308,7 @@ async def run_rollback(worker: Worker, plan: Plan) -> float:
             await conn.execute(f"LOCK TABLE {live} IN ACCESS EXCLUSIVE MODE")
             locked_at = time.monotonic()
             await conn.execute(f"LOCK TABLE {old} IN ACCESS EXCLUSIVE MODE")
-            views = await current_views(conn, current_live) if current_live else []
+            views = await view_definitions(conn, current_live) if current_live else []
             for sql in drop_statements(reverse_trigger_spec(table, names)):
                 await conn.execute(sql)
             for sql in rename_statements(schema, backward_renames(names, schema)):

@@ -597,7 +597,6 @@ class RowGenerator:
         return metadata
 
     def _proxy_request(self, model: str, end_user: str | None, streamed: bool, call_type: str) -> dict[str, Any]:
-        rng = self._rng
         route = {
             "aembedding": "/v1/embeddings",
             "atext_completion": "/v1/completions",
