@@ -429,3 +429,37 @@ async def test_future_dated_row_does_not_stall_copy(dsn, monkeypatch) -> None:
     finally:
         await writer_conn.close()
         await conn.close()
+
+
+async def test_verify_falls_back_to_text_hash(dsn, hooks) -> None:
+    """Types without an extended hash function (json, point) are verified through their text form."""
+    from livepart.catalog import load_table
+    from livepart.verify import supports_record_hash
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE TABLE events (id text PRIMARY KEY, ts timestamp NOT NULL, doc json, spot point)")
+        await conn.execute("INSERT INTO events SELECT 'e' || g, now() - interval '1 day' + g * interval '1 minute', "
+                           "json_build_object('n', g), point(g, g) FROM generate_series(1, 30) g")
+        await conn.execute("CREATE TABLE plain (id int PRIMARY KEY, doc jsonb, amount numeric)")
+        assert await supports_record_hash(conn, await load_table(conn, "public", "events")) is False
+        assert await supports_record_hash(conn, await load_table(conn, "public", "plain")) is True
+
+        async def stop_before_swap() -> None:
+            raise Interrupted("test stops before the swap")
+
+        hooks["phase.swap"] = stop_before_swap
+        with pytest.raises(Interrupted):
+            await migrate(events_settings(dsn))
+        hooks.clear()
+        await conn.execute("UPDATE events_lp_new SET doc = '{\"n\": \"changed\"}' WHERE id = 'e7'")
+
+        args = ["--dsn", dsn, "--table", "events", "--partition-key", "ts", "--interval", "day", "--json"]
+        found = cli("verify", *args)
+        assert found.returncode == 5
+        assert json.loads(found.stdout)["differences_found"] == 1
+        assert cli("verify", "--repair", *args).returncode == 0
+        assert cli("run", *args[:-1]).returncode == 0
+        assert await conn.fetchval("SELECT doc::text FROM events WHERE id = 'e7'") == '{"n" : 7}'
+    finally:
+        await conn.close()

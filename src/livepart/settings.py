@@ -26,7 +26,7 @@ class Settings:
     future_partitions: int = 3
     max_partitions: int = 1000
     batch_size: int = 1000
-    max_batch_bytes: int = 64 * 1024 * 1024
+    max_batch_bytes: int = 8 * 1024 * 1024
     sleep: float = 0.0
     verify_batch_size: int = 10000
     lock_timeout: float = 2.0

@@ -61,14 +61,33 @@ class Pair:
     copy: str
 
 
-def checksum_sql(table: Table, alias: str) -> str:
-    """count(*) and the sum of a 64-bit hash of all columns in name order."""
+def checksum_sql(table: Table, alias: str, *, record_hash: bool) -> str:
+    """count(*) and the sum of a 64-bit hash of all columns in name order.
+
+    hash_record_extended (PostgreSQL 14+) hashes each value with its type's own
+    hash function, about three times faster than hashing the row's text form
+    (0.6 s against 1.8 to 2.3 s for 20,000 LiteLLM rows on PostgreSQL 15, 2-core
+    VM, measured with psql). Equal values hash alike there, so 1.0 and 1.00 in a
+    numeric column count as equal; the text form tells them apart.
+    """
     names = sorted(table.column_names)
-    row = f"ROW({column_list(names, alias)})::text"
-    return (
-        f"SELECT count(*) AS row_count, "
-        f"coalesce(sum(pg_catalog.hashtextextended({row}, 0)::numeric), 0) AS checksum"
-    )
+    row = f"ROW({column_list(names, alias)})"
+    hashed = (f"pg_catalog.hash_record_extended({row}, 0)" if record_hash
+              else f"pg_catalog.hashtextextended({row}::text, 0)")
+    return f"SELECT count(*) AS row_count, coalesce(sum({hashed}::numeric), 0) AS checksum"
+
+
+async def supports_record_hash(conn: asyncpg.Connection, table: Table) -> bool:
+    """Whether every column type has an extended hash function (checked on NULLs, no data read)."""
+    if int(await conn.fetchval("SHOW server_version_num")) < 140000:
+        return False
+    nulls = ", ".join(f"NULL::{column.type_sql}" for column in table.columns)
+    try:
+        async with conn.transaction():
+            await conn.fetchval(f"SELECT pg_catalog.hash_record_extended(ROW({nulls}), 0)")
+    except asyncpg.PostgresError:
+        return False
+    return True
 
 
 class RangeVerifier:
@@ -80,6 +99,7 @@ class RangeVerifier:
         self.keyset = KeysetQuery(plan.table, "t", plan.order_columns)
         self.width = len(plan.order_columns)
         self.report = VerifyReport()
+        self.record_hash = False
 
     def _predicate(self, has_lower: bool, has_upper: bool) -> str:
         """Parameters: lower bound first (if any), then upper bound (if any)."""
@@ -115,7 +135,7 @@ class RangeVerifier:
         """Return (live row count, equal?) for one range, in the caller's snapshot."""
         where = self._predicate(lower is not None, upper is not None)
         arguments = (lower or []) + (upper or [])
-        checksum = checksum_sql(self.plan.table, "t")
+        checksum = checksum_sql(self.plan.table, "t", record_hash=self.record_hash)
         live = await conn.fetchrow(f"{checksum} FROM {self.pair.live} AS t WHERE {where}", *arguments)
         copy = await conn.fetchrow(f"{checksum} FROM {self.pair.copy} AS t WHERE {where}", *arguments)
         equal = live["row_count"] == copy["row_count"] and live["checksum"] == copy["checksum"]
@@ -192,6 +212,9 @@ async def verify_all(worker: Worker, plan: Plan, pair: Pair, *, repair: bool,
                      start: list[str] | None = None, on_range=None) -> VerifyReport:
     """Verify every range from `start` to the end of the live table."""
     verifier = RangeVerifier(worker, plan, pair, repair=repair)
+    verifier.record_hash = await worker.db.run(
+        "verify.hash", lambda conn: supports_record_hash(conn, plan.table)
+    )
     started = time.monotonic()
     lower = start
     while True:
