@@ -52,6 +52,9 @@ CASES = {
         EVENTS_ARGS, "more than --max-partitions"),
     "infinite_key": (
         [EVENTS_DDL, "INSERT INTO events VALUES ('x', 'infinity', 1, '{}')"], EVENTS_ARGS, "infinite values"),
+    "key_beyond_calendar": (
+        [EVENTS_DDL, "INSERT INTO events VALUES ('x', '9999-12-31', 1, '{}'), ('y', now(), 1, '{}')"],
+        EVENTS_ARGS + ["--interval", "month"], "outside the years 1 to 9998"),
     "name_taken": ([EVENTS_DDL, "CREATE TABLE events_lp_new (x int)"], EVENTS_ARGS,
                    '"public"."events_lp_new" already exists'),
 }
@@ -122,3 +125,31 @@ async def test_plan_reports_failed_checks(dsn: str) -> None:
     assert result.returncode == 2
     assert "refunds_event_id_fkey" in result.stdout
     assert "checks failed" in result.stdout
+
+
+async def test_state_schema_without_access(dsn: str) -> None:
+    """A role that cannot use an existing livepart schema gets one line, not a permission traceback."""
+    from livepart.state import ensure_state_schema
+
+    conn = await asyncpg.connect(dsn)
+    role = "owner_" + await conn.fetchval("SELECT current_database()")
+    try:
+        await ensure_state_schema(conn)
+        await conn.execute(f"CREATE ROLE {role} LOGIN")
+        await conn.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
+        await conn.execute(EVENTS_DDL)
+        await conn.execute(f"ALTER TABLE events OWNER TO {role}")
+        before = await catalog_snapshot(conn)
+        role_dsn = dsn.replace("postgresql://postgres@", f"postgresql://{role}@")
+        result = cli("run", "--dsn", role_dsn, *EVENTS_ARGS)
+        after = await catalog_snapshot(conn)
+        await conn.execute("DROP TABLE events")
+        await conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {role}")
+        await conn.execute(f"DROP ROLE {role}")
+    finally:
+        await conn.close()
+
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "cannot use the livepart schema" in result.stderr
+    assert after == before

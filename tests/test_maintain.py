@@ -83,10 +83,10 @@ async def test_maintain_creates_future_partitions(conn, dsn) -> None:
     for offset in range(3):
         day = today + timedelta(days=offset)
         assert f"events_p{day:%Y%m%d}" in bounds
-    assert "created 4 partitions, moved 1 rows" in result.stdout
+    assert "partitions created: 4; rows moved out of the default partition: 1" in result.stdout
 
     again = cli("maintain", "--dsn", dsn, *ARGS, "--future-partitions", "2")
-    assert "created 0 partitions, moved 0 rows" in again.stdout
+    assert "partitions created: 0; rows moved out of the default partition: 0" in again.stdout
 
 
 async def test_maintain_after_migration_moves_stray_rows(conn, dsn) -> None:

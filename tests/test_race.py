@@ -167,7 +167,9 @@ async def test_verify_finds_and_repairs_planted_differences(dsn, hooks) -> None:
         assert report["differences_found"] == 3
         assert report["ranges_repaired"] == 0
         assert report["clean"] is False
-        assert report["ranges_checked"] == 4
+        # 12 rows at 4 a range: 3 full ranges, the open last range, and the rows dated after
+        # the moment the pass started.
+        assert report["ranges_checked"] == 5
 
         repaired = cli("verify", "--repair", *args)
         report = json.loads(repaired.stdout)
@@ -463,3 +465,63 @@ async def test_verify_falls_back_to_text_hash(dsn, hooks) -> None:
         assert await conn.fetchval("SELECT doc::text FROM events WHERE id = 'e7'") == '{"n" : 7}'
     finally:
         await conn.close()
+
+
+async def test_verify_ends_under_steady_inserts(dsn, hooks) -> None:
+    """With --sleep between ranges and inserts arriving all along, verification still ends."""
+    conn = await _verified_events(dsn, hooks, rows=60)
+    writer = await asyncpg.connect(dsn)
+    stop = asyncio.Event()
+    inserted = 0
+
+    async def insert_every_10ms() -> None:
+        nonlocal inserted
+        while not stop.is_set():
+            await writer.execute("INSERT INTO events VALUES ($1, now(), 1, '{}')", f"n{inserted:06d}")
+            inserted += 1
+            await asyncio.sleep(0.01)
+
+    writing = asyncio.create_task(insert_every_10ms())
+    try:
+        await asyncio.sleep(0.3)
+        result = await asyncio.to_thread(
+            cli, "verify", "--dsn", dsn, "--table", "events", "--partition-key", "ts", "--interval", "day",
+            "--verify-batch-size", "20", "--sleep", "0.3", "--json", timeout=120)
+    finally:
+        stop.set()
+        await writing
+        await writer.close()
+        await conn.close()
+
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, result.stderr
+    assert report["differences_found"] == 0
+    # 60 old rows plus those inserted before the pass froze its limit, at 20 a range, plus the tail.
+    assert report["ranges_checked"] <= 8
+    assert inserted > report["ranges_checked"] * 20
+
+
+async def test_swap_gives_up_naming_lock_holder(dsn, hooks) -> None:
+    """When every swap attempt times out, the one-line error names the session holding the lock."""
+    conn = await _verified_events(dsn, hooks)
+    reader = await asyncpg.connect(dsn)
+    try:
+        transaction = reader.transaction()
+        await transaction.start()
+        await reader.fetchval("SELECT count(*) FROM events")
+        holder = await reader.fetchval("SELECT pg_backend_pid()")
+        result = await asyncio.to_thread(
+            cli, "run", "--dsn", dsn, "--table", "events", "--partition-key", "ts", "--interval", "day",
+            "--lock-timeout", "0.2", "--swap-attempts", "2")
+        kind = await conn.fetchval("SELECT relkind::text FROM pg_class WHERE relname = 'events'")
+        await transaction.rollback()
+    finally:
+        await reader.close()
+        await conn.close()
+
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1
+    assert len(errors) == 1
+    assert f"holding locks: pid {holder} (idle in transaction, AccessShareLock" in result.stderr
+    assert "the migration is verified and waits for the swap" in result.stderr
+    assert kind == "r"

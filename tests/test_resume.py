@@ -273,7 +273,7 @@ async def test_status_reports_progress(dsn: str) -> None:
     assert report["rows_per_second"] > 0
     assert report["eta_seconds"] >= 0
     assert report["checkpoint_age_seconds"] >= 0
-    assert report["trigger"] == {"name": '"livepart_fwd"_*', "present": True, "enabled": True,
+    assert report["trigger"] == {"name": "livepart_fwd_*", "present": True, "enabled": True,
                                  "expected": True}
     assert report["worker"]["running"] is True
     assert report["throttle"] == "not throttled"
@@ -320,3 +320,15 @@ async def test_lost_connection_after_swap_commit(dsn: str) -> None:
         assert await admin.fetchval("SELECT count(*) FROM events_lp_old") == 1
     finally:
         await admin.close()
+
+
+async def test_interrupted_restart_hint_drops_restart(dsn: str) -> None:
+    """After --restart, the resume hint must not send the user back to discarding the progress."""
+    await load_litellm(dsn, rows=300, seed=14)
+    worker = WorkerProcess(*run_args(dsn, "--restart"), env={"LIVEPART_TEST_PAUSE": "phase.backfill=5"})
+    paused = await asyncio.to_thread(worker.wait_for, is_event("test.pause", point="phase.backfill"), 60)
+    assert paused is not None
+    worker.signal(signal.SIGINT)
+
+    assert await asyncio.to_thread(worker.finish) == 4
+    assert any("without --restart" in line for line in worker.other_lines), worker.other_lines

@@ -65,3 +65,22 @@ async def test_rollback_keeps_writes_and_swaps_again(dsn: str) -> None:
         assert cli("run", "--dsn", dsn, *ARGS).returncode == 0  # nothing left to do
     finally:
         await conn.close()
+
+
+async def test_commands_take_key_and_interval_from_state(dsn: str) -> None:
+    """After `run`, verify, rollback and finalize need only the table; a different key is rejected."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(EVENTS_DDL)
+        await conn.execute("INSERT INTO events VALUES ('a', now() - interval '1 day', 1, '{}')")
+        assert cli("run", "--dsn", dsn, *ARGS).returncode == 0
+    finally:
+        await conn.close()
+
+    assert cli("verify", "--dsn", dsn, "--table", "events").returncode == 0
+    wrong = cli("verify", "--dsn", dsn, "--table", "events", "--interval", "week")
+    assert wrong.returncode == 2
+    assert "uses --interval day, not week; leave --interval out or pass day" in wrong.stderr
+    assert cli("rollback", "--dsn", dsn, "--table", "events").returncode == 0
+    assert cli("run", "--dsn", dsn, *ARGS).returncode == 0
+    assert cli("finalize", "--dsn", dsn, "--table", "events").returncode == 0

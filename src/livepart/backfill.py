@@ -182,7 +182,6 @@ class BatchCopier:
         self.target = qualified(plan.table.schema, plan.names.shadow)
         self.width = len(plan.order_columns)
         self.lock_rows = not worker.settings.unsafe_no_row_locks
-        self._throttle_reason: str | None = None
 
     def _range_predicate(self, has_lower: bool) -> str:
         """`lower < row <= upper` and `key <= cap`; parameters: upper, then lower, then the cap."""
@@ -225,7 +224,7 @@ class BatchCopier:
         last_progress = started
         copied_this_run = 0
         while True:
-            await self._throttle()
+            await self.worker.throttle()
             result = await self.worker.db.run("backfill.batch", self._batch)
             if result is None:
                 return
@@ -242,18 +241,6 @@ class BatchCopier:
                 self.worker.log.info("backfill.progress", rows_this_run=copied_this_run,
                                      rows_per_second=round(rate, 1),
                                      throttle=self.worker.throttler.state.reason)
-
-    async def _throttle(self) -> None:
-        state = self.worker.throttler.state
-        if state.reason != self._throttle_reason:
-            self._throttle_reason = state.reason
-            self.worker.log.info("throttle.changed", throttled=state.throttled, reason=state.reason)
-
-            async def record(conn: asyncpg.Connection) -> None:
-                await update_state(conn, self.plan.table.schema, self.plan.table.name, throttle=state.reason)
-
-            await self.worker.db.run("backfill.throttle", record)
-        await self.worker.throttler.wait(self.worker.stop)
 
     async def _batch(self, conn: asyncpg.Connection) -> tuple[int, int, int, float] | None:
         """Copy one batch; return (rows, inserted, bytes, seconds) or None when done.
@@ -291,7 +278,7 @@ class BatchCopier:
     async def copy_pending(self, total: int) -> None:
         """Copy the rows recorded beyond the time cap, a batch of ordinals at a time."""
         while True:
-            await self._throttle()
+            await self.worker.throttle()
             result = await self.worker.db.run("backfill.pending", self._pending_batch)
             if result is None:
                 return

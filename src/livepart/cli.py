@@ -35,8 +35,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Convert a large, live PostgreSQL table into a range-partitioned one, online.\n\n" + EXIT_CODES,
 )
-out = Console()
-err = Console(stderr=True)
+# soft_wrap keeps one message on one line when output goes to a pipe or a log.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DsnOption = typer.Option(
     None, "--dsn", envvar="DATABASE_URL", show_default=False, show_envvar=True,
@@ -48,11 +49,25 @@ KeyOption = typer.Option("startTime", "--partition-key", help="Time or integer c
 IntervalOption = typer.Option(
     "month", help="Partition width: day, week or month for a time column; a whole number for an integer one."
 )
+StateKeyOption = typer.Option(
+    None, "--partition-key", show_default=False,
+    help="Partition key; by default the one the migration was started with.",
+)
+StateIntervalOption = typer.Option(
+    None, "--interval", show_default=False,
+    help="Partition width; by default the one the migration was started with.",
+)
 DebugOption = typer.Option(False, "--debug", help="Print tracebacks and debug logs.")
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 LockTimeoutOption = typer.Option(
     2.0, "--lock-timeout", help="Seconds any lock wait may last before it is abandoned and retried."
 )
+
+
+def _explicit(**values: str | None) -> tuple[dict[str, str], set[str]]:
+    """Split optional key and interval options into the values given and their names."""
+    given = {name: value for name, value in values.items() if value is not None}
+    return given, set(given)
 
 
 def _settings(**values: Any) -> Settings:
@@ -65,7 +80,12 @@ def _settings(**values: Any) -> Settings:
         raise typer.Exit(InvalidInput.exit_code) from None
 
 
-def _execute(factory: Callable[[asyncio.Event], Awaitable[T]], *, debug: bool) -> T:
+RESUME_HINT = "run the same command again to resume"
+
+
+def _execute(
+    factory: Callable[[asyncio.Event], Awaitable[T]], *, debug: bool, resume_hint: str = RESUME_HINT
+) -> T:
     """Run a coroutine with signal handling and map errors to one line and an exit code."""
     configure_logging(level="debug" if debug else "info")
 
@@ -75,7 +95,8 @@ def _execute(factory: Callable[[asyncio.Event], Awaitable[T]], *, debug: bool) -
 
         def request_stop(name: str) -> None:
             if not stop.is_set():
-                err.print(f"{name} received: stopping at the next safe point (send it again to force)")
+                err.print(f"{name} received: stopping at the next safe point (send it again to force)",
+                          soft_wrap=True)
                 stop.set()
             else:
                 raise KeyboardInterrupt
@@ -87,7 +108,7 @@ def _execute(factory: Callable[[asyncio.Event], Awaitable[T]], *, debug: bool) -
     try:
         return asyncio.run(main())
     except Interrupted as error:
-        err.print(f"interrupted ({error}); run the same command again to resume", markup=False)
+        err.print(f"interrupted ({error}); {resume_hint}", markup=False, soft_wrap=True)
         raise typer.Exit(Interrupted.exit_code) from None
     except LivepartError as error:
         if debug:
@@ -95,7 +116,7 @@ def _execute(factory: Callable[[asyncio.Event], Awaitable[T]], *, debug: bool) -
         err.print(f"error: {error}", markup=False, soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
-        err.print("interrupted; run the same command again to resume")
+        err.print(f"interrupted; {resume_hint}", markup=False, soft_wrap=True)
         raise typer.Exit(Interrupted.exit_code) from None
     except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
         if debug:
@@ -144,7 +165,8 @@ def run(
         lock_timeout=lock_timeout, retries=retries, swap_attempts=swap_attempts, restart=restart,
         reinstall_trigger=reinstall_trigger,
     )
-    result = _execute(lambda stop: run_migration(settings, stop), debug=debug)
+    hint = RESUME_HINT + (" (without --restart, which would discard the progress)" if restart else "")
+    result = _execute(lambda stop: run_migration(settings, stop), debug=debug, resume_hint=hint)
     if result.already_done:
         out.print(f"{settings.migration_id} is already migrated (phase {result.phase.value}); nothing to do")
     else:
@@ -227,8 +249,8 @@ def verify(
     dsn: str = DsnOption,
     schema: str = SchemaOption,
     table: str = TableOption,
-    partition_key: str = KeyOption,
-    interval: str = IntervalOption,
+    partition_key: str | None = StateKeyOption,
+    interval: str | None = StateIntervalOption,
     repair: bool = typer.Option(False, "--repair", help="Copy ranges that differ again, then re-check them."),
     verify_batch_size: int = typer.Option(10000, help="Rows per verified key range."),
     sleep: float = typer.Option(0.0, help="Seconds to pause between ranges, to throttle the check."),
@@ -239,9 +261,10 @@ def verify(
     """Compare the old and the new table range by range (counts and checksums of every column)."""
     from .commands import verify_command
 
-    settings = _settings(dsn=dsn, schema=schema, table=table, partition_key=partition_key, interval=interval,
-                         verify_batch_size=verify_batch_size, sleep=sleep, lock_timeout=lock_timeout)
-    report = _execute(lambda stop: verify_command(settings, stop, repair=repair), debug=debug)
+    given, explicit = _explicit(partition_key=partition_key, interval=interval)
+    settings = _settings(dsn=dsn, schema=schema, table=table, verify_batch_size=verify_batch_size, sleep=sleep,
+                         lock_timeout=lock_timeout, **given)
+    report = _execute(lambda stop: verify_command(settings, stop, repair=repair, explicit=explicit), debug=debug)
     if as_json:
         out.print_json(json.dumps(report.to_json()))
     else:
@@ -259,17 +282,17 @@ def rollback(
     dsn: str = DsnOption,
     schema: str = SchemaOption,
     table: str = TableOption,
-    partition_key: str = KeyOption,
-    interval: str = IntervalOption,
+    partition_key: str | None = StateKeyOption,
+    interval: str | None = StateIntervalOption,
     lock_timeout: float = LockTimeoutOption,
     debug: bool = DebugOption,
 ) -> None:
     """Swap back to the old table, keeping every write made since the swap."""
     from .commands import rollback_command
 
-    settings = _settings(dsn=dsn, schema=schema, table=table, partition_key=partition_key, interval=interval,
-                         lock_timeout=lock_timeout)
-    lock_ms = _execute(lambda stop: rollback_command(settings, stop), debug=debug)
+    given, explicit = _explicit(partition_key=partition_key, interval=interval)
+    settings = _settings(dsn=dsn, schema=schema, table=table, lock_timeout=lock_timeout, **given)
+    lock_ms = _execute(lambda stop: rollback_command(settings, stop, explicit=explicit), debug=debug)
     out.print(f"{settings.migration_id} is the old table again (lock held {lock_ms:.1f} ms); "
               "the partitioned table is kept in sync, run livepart run to swap again")
 
@@ -279,8 +302,8 @@ def finalize(
     dsn: str = DsnOption,
     schema: str = SchemaOption,
     table: str = TableOption,
-    partition_key: str = KeyOption,
-    interval: str = IntervalOption,
+    partition_key: str | None = StateKeyOption,
+    interval: str | None = StateIntervalOption,
     drop_old: bool = typer.Option(False, "--drop-old", help="Also drop the old table."),
     lock_timeout: float = LockTimeoutOption,
     debug: bool = DebugOption,
@@ -288,9 +311,9 @@ def finalize(
     """End the rollback window: drop the reverse trigger (and the old table with --drop-old)."""
     from .commands import finalize_command
 
-    settings = _settings(dsn=dsn, schema=schema, table=table, partition_key=partition_key, interval=interval,
-                         lock_timeout=lock_timeout)
-    _execute(lambda stop: finalize_command(settings, stop, drop_old=drop_old), debug=debug)
+    given, explicit = _explicit(partition_key=partition_key, interval=interval)
+    settings = _settings(dsn=dsn, schema=schema, table=table, lock_timeout=lock_timeout, **given)
+    _execute(lambda stop: finalize_command(settings, stop, drop_old=drop_old, explicit=explicit), debug=debug)
     out.print(f"{settings.migration_id} finalized" + (" and the old table dropped" if drop_old else ""))
 
 
@@ -299,8 +322,8 @@ def maintain(
     dsn: str = DsnOption,
     schema: str = SchemaOption,
     table: str = TableOption,
-    partition_key: str = KeyOption,
-    interval: str = IntervalOption,
+    partition_key: str | None = StateKeyOption,
+    interval: str | None = StateIntervalOption,
     future_partitions: int = typer.Option(3, help="Keep this many partitions ahead of today."),
     lock_timeout: float = LockTimeoutOption,
     debug: bool = DebugOption,
@@ -308,10 +331,12 @@ def maintain(
     """Create future partitions and move rows out of the default partition into their own."""
     from .commands import maintain_command
 
-    settings = _settings(dsn=dsn, schema=schema, table=table, partition_key=partition_key, interval=interval,
-                         future_partitions=future_partitions, lock_timeout=lock_timeout)
-    report = _execute(lambda stop: maintain_command(settings, stop), debug=debug)
-    out.print(f"created {report.created} partitions, moved {report.moved_rows} rows out of the default partition")
+    given, explicit = _explicit(partition_key=partition_key, interval=interval)
+    settings = _settings(dsn=dsn, schema=schema, table=table, future_partitions=future_partitions,
+                         lock_timeout=lock_timeout, **given)
+    report = _execute(lambda stop: maintain_command(settings, stop, explicit=explicit), debug=debug)
+    out.print(f"partitions created: {report.created}; rows moved out of the default partition: "
+              f"{report.moved_rows}")
 
 
 @app.command()

@@ -9,7 +9,7 @@ import asyncpg
 from .errors import InvalidInput
 from .ident import qualified
 from .maintain import MaintainReport, load_target, run_maintain
-from .orchestrator import check_settings, open_worker, plan_for_state
+from .orchestrator import adopt_settings, check_state_access, open_worker, plan_for_state
 from .plan import Names
 from .settings import Settings
 from .state import MigrationState, Phase, count_trigger_errors, load_state, update_state
@@ -18,20 +18,25 @@ from .verify import VerifyReport, pair_for, verify_all
 from .worker import Worker
 
 
-async def _existing_state(worker: Worker) -> MigrationState:
+async def _existing_state(worker: Worker, explicit: set[str]) -> MigrationState:
+    """Load the migration's state and take its partition key and interval into the settings."""
     settings = worker.settings
+    await check_state_access(worker.db.conn)
     state = await load_state(worker.db.conn, settings.schema, settings.table)
     if state is None:
         raise InvalidInput(
             f"no migration of {qualified(settings.schema, settings.table)} found; start one with livepart run"
         )
-    check_settings(state, settings)
+    worker.settings = adopt_settings(state, settings, explicit)
     return state
 
 
-async def verify_command(settings: Settings, stop: asyncio.Event, *, repair: bool) -> VerifyReport:
+async def verify_command(
+    settings: Settings, stop: asyncio.Event, *, repair: bool, explicit: set[str] = frozenset()
+) -> VerifyReport:
     async with open_worker(settings, stop) as worker:
-        state = await _existing_state(worker)
+        state = await _existing_state(worker, explicit)
+        settings = worker.settings
         phase = state.phase_enum
         if phase in (Phase.PREPARE, Phase.BACKFILL):
             raise InvalidInput(
@@ -53,9 +58,9 @@ async def verify_command(settings: Settings, stop: asyncio.Event, *, repair: boo
         return report
 
 
-async def rollback_command(settings: Settings, stop: asyncio.Event) -> float:
+async def rollback_command(settings: Settings, stop: asyncio.Event, *, explicit: set[str] = frozenset()) -> float:
     async with open_worker(settings, stop) as worker:
-        state = await _existing_state(worker)
+        state = await _existing_state(worker, explicit)
         if state.phase_enum == Phase.ROLLED_BACK:
             return 0.0
         if state.phase_enum != Phase.SWAPPED:
@@ -67,9 +72,11 @@ async def rollback_command(settings: Settings, stop: asyncio.Event) -> float:
         return await run_rollback(worker, plan)
 
 
-async def finalize_command(settings: Settings, stop: asyncio.Event, *, drop_old: bool) -> None:
+async def finalize_command(
+    settings: Settings, stop: asyncio.Event, *, drop_old: bool, explicit: set[str] = frozenset()
+) -> None:
     async with open_worker(settings, stop) as worker:
-        state = await _existing_state(worker)
+        state = await _existing_state(worker, explicit)
         if state.phase_enum not in (Phase.SWAPPED, Phase.FINALIZED):
             raise InvalidInput(
                 f"{settings.migration_id} cannot be finalized in phase {state.phase}: swap it first "
@@ -87,13 +94,21 @@ async def finalize_command(settings: Settings, stop: asyncio.Event, *, drop_old:
         await run_finalize(worker, plan, drop_old=drop_old)
 
 
-async def maintain_command(settings: Settings, stop: asyncio.Event) -> MaintainReport:
+async def maintain_command(
+    settings: Settings, stop: asyncio.Event, *, explicit: set[str] = frozenset()
+) -> MaintainReport:
     """Maintain the migration's partitioned table, or any range-partitioned --table."""
     async with open_worker(settings, stop) as worker:
+        await check_state_access(worker.db.conn)
         state = await load_state(worker.db.conn, settings.schema, settings.table)
         parent = settings.table
+        if state is None and "interval" not in explicit:
+            raise InvalidInput(
+                f"{qualified(settings.schema, settings.table)} was not migrated by livepart, so its partition "
+                "width is unknown: pass --interval (day, week, month, or a whole number)"
+            )
         if state is not None:
-            check_settings(state, settings)
+            settings = worker.settings = adopt_settings(state, settings, explicit)
             names = Names.from_json(state.names_map)
             if state.phase_enum not in (Phase.SWAPPED, Phase.FINALIZED):
                 parent = names.shadow

@@ -21,7 +21,7 @@ from . import __version__
 from .backfill import run_backfill
 from .catalog import load_table, partition_bounds, relation_exists
 from .db import Database, describe_error
-from .errors import InvalidInput, LivepartError, StateMismatch
+from .errors import Interrupted, InvalidInput, LivepartError, StateMismatch
 from .ident import qualified, quote_ident
 from .plan import Names, Plan, build_plan
 from .prepare import discard_migration, install_forward_trigger, run_prepare
@@ -100,6 +100,8 @@ async def run_migration(settings: Settings, stop: asyncio.Event | None = None) -
                 state = await _reload(worker)
             if not already_done:
                 await _clear_error(worker)
+        except Interrupted:
+            raise
         except (LivepartError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as error:
             await _save_error(worker, error)
             raise
@@ -110,6 +112,7 @@ async def start_or_resume(worker: Worker) -> tuple[MigrationState, Plan | None]:
     """Return the state and plan, creating both for a new migration (after preflight)."""
     settings = worker.settings
     conn = worker.db.conn
+    await check_state_access(conn)
     state = await load_state(conn, settings.schema, settings.table)
     if state is not None and settings.restart:
         await _restart(worker, state)
@@ -144,10 +147,15 @@ async def start_or_resume(worker: Worker) -> tuple[MigrationState, Plan | None]:
     return state, plan
 
 
+def stored_settings(state: MigrationState) -> dict:
+    return json.loads(state.settings) if isinstance(state.settings, str) else state.settings
+
+
 def check_settings(state: MigrationState, settings: Settings) -> None:
+    """Stop `run` when the migration in progress was started with other settings."""
     if state.settings_hash == settings.identity_hash():
         return
-    stored = json.loads(state.settings) if isinstance(state.settings, str) else state.settings
+    stored = stored_settings(state)
     changed = [
         f"{name} {stored.get(name)!r} -> {value!r}"
         for name, value in settings.identity().items()
@@ -158,6 +166,44 @@ def check_settings(state: MigrationState, settings: Settings) -> None:
         f"({', '.join(changed)}); run it with the same settings, or pass --restart to discard it "
         "and start over"
     )
+
+
+def adopt_settings(state: MigrationState, settings: Settings, explicit: set[str]) -> Settings:
+    """Take partition key and interval from the migration in progress unless given on the command line."""
+    stored = stored_settings(state)
+    adopted = {}
+    for name in ("partition_key", "interval"):
+        if name not in explicit:
+            adopted[name] = stored[name]
+        elif stored[name] != getattr(settings, name):
+            option = "--" + name.replace("_", "-")
+            raise InvalidInput(
+                f"the migration of {settings.migration_id} uses {option} {stored[name]}, not "
+                f"{getattr(settings, name)}; leave {option} out or pass {stored[name]}"
+            )
+    return dataclasses.replace(settings, **adopted)
+
+
+async def check_state_access(conn: asyncpg.Connection) -> None:
+    """Turn a missing privilege on livepart's own schema into one clear line."""
+    row = await conn.fetchrow(
+        """
+        SELECT pg_catalog.pg_get_userbyid(n.nspowner) AS owner,
+               pg_catalog.has_schema_privilege(n.oid, 'USAGE')
+               AND pg_catalog.has_schema_privilege(n.oid, 'CREATE') AS schema_ok,
+               pg_catalog.has_schema_privilege(n.oid, 'USAGE') AND (
+                   pg_catalog.to_regclass('livepart.migration') IS NULL
+                   OR pg_catalog.has_table_privilege('livepart.migration', 'SELECT, INSERT, UPDATE, DELETE'))
+                   AS table_ok
+        FROM pg_catalog.pg_namespace n WHERE n.nspname = 'livepart'
+        """
+    )
+    if row is not None and not (row["schema_ok"] and row["table_ok"]):
+        raise InvalidInput(
+            f"the current user cannot use the livepart schema (owner {quote_ident(row['owner'])}); connect "
+            "as the role that started the migration, or grant USAGE and CREATE on schema livepart and "
+            "all privileges on its tables"
+        )
 
 
 async def plan_for_state(worker: Worker, state: MigrationState) -> Plan:

@@ -22,6 +22,8 @@ from .settings import TIME_INTERVALS, Settings
 from .trigger import TriggerSpec, install_statements
 
 MINIMUM_SERVER_VERSION = 120000
+# Above this many partitions, plan points at outliers as the likely cause.
+MANY_PARTITIONS = 100
 OLD_SUFFIX = "_lp_old"
 NEW_SUFFIX = "_lp_new"
 
@@ -334,17 +336,31 @@ async def _key_range(
             checks.append(Check("partition key", "fail",
                                 f"partition key {column} of {target} contains NULL values; a partition "
                                 "key cannot be NULL: set those rows to a value and add NOT NULL"))
-    row = await conn.fetchrow(
-        f"SELECT min({column}) AS low, max({column}) AS high, "
-        f"min({column})::text AS low_text, max({column})::text AS high_text FROM {target}"
+    texts = await conn.fetchrow(
+        f"SELECT min({column})::text AS low, max({column})::text AS high FROM {target}"
     )
-    low_text, high_text = row["low_text"], row["high_text"]
+    low_text, high_text = texts["low"], texts["high"]
     if low_text is not None and "infinity" in f"{low_text} {high_text}":
         checks.append(Check("partition key", "fail",
                             f"partition key {column} holds infinite values ({low_text} .. {high_text}); "
                             "range partitions cannot cover them: replace them with real values"))
         return None, None, low_text, high_text
+    try:
+        row = await conn.fetchrow(f"SELECT min({column}) AS low, max({column}) AS high FROM {target}")
+    except (OverflowError, ValueError):
+        row = None
+    if row is None or _beyond_calendar(row["high"]):
+        checks.append(Check("partition key", "fail",
+                            f"partition key {column} holds values outside the years 1 to 9998 "
+                            f"({low_text} .. {high_text}); partitions cannot be computed for them: fix "
+                            "those outliers first"))
+        return None, None, low_text, high_text
     return row["low"], row["high"], low_text, high_text
+
+
+def _beyond_calendar(value: Any) -> bool:
+    """Whether a key is too close to year 9999 for the next bound to exist in Python's calendar."""
+    return getattr(value, "year", 0) >= 9999
 
 
 def _plan_partitions(
@@ -362,16 +378,21 @@ def _plan_partitions(
         now=now,
         future=settings.future_partitions,
     )
+    width = f"one {settings.interval}" if settings.integer_interval is None else f"width {settings.interval}"
     if count > settings.max_partitions:
         checks.append(Check("partitions", "fail",
                             f"partition key {quote_ident(key.name)} spans {minimum} to {maximum}, which needs "
-                            f"{count} partitions of one {settings.interval}, more than --max-partitions "
+                            f"{count} partitions of {width}, more than --max-partitions "
                             f"{settings.max_partitions}: fix far-past or far-future outliers, choose a wider "
                             "--interval, or raise --max-partitions"))
         return [], count
     checks.append(Check("partitions", "ok",
-                        f"{count} partitions from {partitions[0].lower} to {partitions[-1].upper}, "
+                        f"{count} partitions of {width} from {partitions[0].lower} to {partitions[-1].upper}, "
                         "plus a default partition"))
+    if count > MANY_PARTITIONS:
+        checks.append(Check("partitions", "warn",
+                            f"{count} partitions are needed to cover {minimum} to {maximum}; if a few old or "
+                            "far-future rows cause that, fix them first (or cap with --max-partitions)"))
     return partitions, count
 
 

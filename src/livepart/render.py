@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rich.console import Console
@@ -39,13 +40,15 @@ def plan_to_json(plan: Plan, statements: list[Statement], state: MigrationState 
 def print_plan(console: Console, plan: Plan, statements: list[Statement], state: MigrationState | None) -> None:
     table = plan.table
     console.print(f"[bold]{table.schema}.{table.name}[/bold]: about {table.estimated_rows} rows, "
-                  f"{table.total_bytes / 1e6:.1f} MB, PostgreSQL {plan.server_version}")
+                  f"{table.total_bytes / 1e6:.1f} MB, PostgreSQL {plan.server_version}", soft_wrap=True)
     console.print(f"partition key {plan.key.name} ({plan.key.type_sql}): {plan.minimum} .. {plan.maximum}; "
                   f"new primary key ({', '.join(plan.shadow_primary_key)}); "
-                  f"copy order ({', '.join(plan.order_columns)})")
+                  f"copy order ({', '.join(plan.order_columns)})", soft_wrap=True)
     if state is not None:
-        console.print(f"[yellow]a migration of this table is in progress (phase {state.phase}); "
-                      "livepart run resumes it[/yellow]")
+        started = state.settings if isinstance(state.settings, dict) else json.loads(state.settings)
+        console.print(f"[yellow]a migration of this table is in progress (phase {state.phase}, partition key "
+                      f"{started['partition_key']}, interval {started['interval']}); livepart run with those "
+                      "settings resumes it[/yellow]", soft_wrap=True)
 
     checks = RichTable("check", "status", "detail", title="Preflight checks")
     for check in plan.checks:
@@ -67,7 +70,7 @@ def print_plan(console: Console, plan: Plan, statements: list[Statement], state:
 
     console.print("[bold]Statements, in order[/bold]")
     for number, statement in enumerate(statements, start=1):
-        console.print(f"[dim]-- {number}. lock: {statement.lock}[/dim]", highlight=False)
+        console.print(f"[dim]-- {number}. lock: {statement.lock}[/dim]", highlight=False, soft_wrap=True)
         console.print(statement.sql.rstrip(";") + ";", highlight=False, markup=False, soft_wrap=True)
     if plan.failures:
         console.print(f"[red]{len(plan.failures)} checks failed: livepart run would stop before any change[/red]")

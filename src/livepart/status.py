@@ -8,7 +8,6 @@ from typing import Any
 import asyncpg
 
 from .catalog import ENABLED_TRIGGER_FLAGS, trigger_state
-from .ident import quote_ident
 from .plan import Names
 from .state import Phase, count_trigger_errors, load_state
 from .trigger import EVENTS
@@ -72,7 +71,7 @@ async def collect_status(conn: asyncpg.Connection, schema: str, table: str) -> d
 async def _trigger_summary(conn: asyncpg.Connection, schema: str, table: str, prefix: str) -> dict[str, Any]:
     flags = [await trigger_state(conn, schema, table, f"{prefix}_{event.lower()}") for event in EVENTS]
     return {
-        "name": quote_ident(prefix) + "_*",
+        "name": f"{prefix}_*",
         "present": all(flag is not None for flag in flags),
         "enabled": all(flag in ENABLED_TRIGGER_FLAGS for flag in flags),
         "expected": True,

@@ -19,8 +19,8 @@ import asyncpg
 
 from . import ddl
 from .catalog import ENABLED_TRIGGER_FLAGS, Table, load_table, relation_exists, trigger_state
-from .errors import StateMismatch
-from .ident import derived_name, qualified, quote_ident
+from .errors import LivepartError, StateMismatch
+from .ident import derived_name, qualified, quote_ident, quote_literal
 from .plan import NEW_SUFFIX, Names, Plan, forward_trigger_spec, reverse_trigger_spec, view_definitions
 from .state import STATE_SCHEMA, Phase, count_trigger_errors, load_state, update_state
 from .trigger import EVENTS, TriggerSpec, drop_statements, install_statements, trigger_name
@@ -117,6 +117,11 @@ def swap_statements(plan: Plan) -> list[ddl.Statement]:
     ]
     sql += drop_statements(plan.forward_trigger())
     sql += rename_statements(table.schema, forward_renames(names, table.schema, predicted))
+    sql += [
+        f"SELECT pg_catalog.setval({quote_literal(qualified(table.schema, canonical))}::regclass, s.last_value, "
+        f"s.is_called) FROM {qualified(table.schema, old)} AS s"
+        for canonical, old in names.identity_sequences.values()
+    ]
     sql += sequence_owner_statements(table, names.table)
     sql += view_statements(plan.view_definitions)
     sql += ddl.grant_sql(table, names.table)
@@ -162,20 +167,29 @@ async def swap_committed(conn: asyncpg.Connection, plan: Plan) -> bool:
     return renamed
 
 
-async def _log_blockers(worker: Worker, conn: asyncpg.Connection, relation: str) -> None:
-    """Log who holds or waits for locks on the table, without their query text."""
+async def lock_holders(conn: asyncpg.Connection, relation: str) -> list[dict]:
+    """Return the sessions that hold locks on the table, oldest transaction first, without query text."""
     rows = await conn.fetch(
         """
-        SELECT a.pid, a.state, l.mode, l.granted,
+        SELECT a.pid, a.state, l.mode,
                extract(epoch FROM now() - a.xact_start)::int AS transaction_seconds
         FROM pg_catalog.pg_locks l
         JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
-        WHERE l.relation = $1::regclass AND a.pid <> pg_catalog.pg_backend_pid()
+        WHERE l.relation = $1::regclass AND l.granted AND a.pid <> pg_catalog.pg_backend_pid()
         ORDER BY a.xact_start NULLS LAST LIMIT 5
         """,
         relation,
     )
-    worker.log.warning("swap.lock_blocked", sessions=[dict(r) for r in rows])
+    return [dict(r) for r in rows]
+
+
+def describe_holders(holders: list[dict]) -> str:
+    if not holders:
+        return "no session holds a lock on it any more"
+    return ", ".join(
+        f"pid {h['pid']} ({h['state']}, {h['mode']}, transaction open {h['transaction_seconds']} s)"
+        for h in holders
+    )
 
 
 async def run_swap(worker: Worker, plan: Plan) -> float:
@@ -221,10 +235,18 @@ async def run_swap(worker: Worker, plan: Plan) -> float:
             held["ms"] = (time.monotonic() - locked_at) * 1000
             await worker.pause_point("swap.after_commit")
         except asyncpg.LockNotAvailableError:
-            await _log_blockers(worker, conn, live)
+            worker.log.warning("swap.lock_blocked", sessions=await lock_holders(conn, live))
             raise
 
-    await worker.db.run("swap", attempt, attempts=worker.settings.swap_attempts)
+    try:
+        await worker.db.run("swap", attempt, attempts=worker.settings.swap_attempts)
+    except asyncpg.LockNotAvailableError:
+        holders = await worker.db.run("swap.holders", lambda conn: lock_holders(conn, live))
+        raise LivepartError(
+            f"the swap could not lock {live} within --lock-timeout {worker.settings.lock_timeout:g} s in "
+            f"{worker.settings.swap_attempts} attempts; holding locks: {describe_holders(holders)}. "
+            "End those transactions or run again later: the migration is verified and waits for the swap"
+        ) from None
     lock_ms = held.get("ms")
 
     async def record(conn: asyncpg.Connection) -> None:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import asyncpg
 
-from .backfill import KeysetQuery
+from .backfill import KeysetQuery, time_cap_sql
 from .catalog import Table
 from .errors import VerificationFailed
 from .ident import column_list, qualified, quote_ident
@@ -90,6 +90,21 @@ async def supports_record_hash(conn: asyncpg.Connection, table: Table) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class KeyRange:
+    """A set of rows in keyset order: `lower < row <= upper`, or the tail after a frozen limit.
+
+    `cap` restricts a range to rows whose time key is at or before the cap; a
+    tail range (`beyond_cap`) holds exactly the rows after it. Missing bounds
+    are open.
+    """
+
+    lower: list[str] | None = None
+    upper: list[str] | None = None
+    cap: str | None = None
+    beyond_cap: bool = False
+
+
 class RangeVerifier:
     def __init__(self, worker: Worker, plan: Plan, pair: Pair, *, repair: bool) -> None:
         self.worker = worker
@@ -101,72 +116,126 @@ class RangeVerifier:
         self.report = VerifyReport()
         self.record_hash = False
 
-    def _predicate(self, has_lower: bool, has_upper: bool) -> str:
-        """Parameters: lower bound first (if any), then upper bound (if any)."""
-        parts = []
-        if has_lower:
-            parts.append(self.keyset.after(1))
-        if has_upper:
-            parts.append(self.keyset.at_most(1 + (self.width if has_lower else 0)))
-            if self.plan.order_columns[0] == self.plan.key.name:
-                # Lets the planner prune partitions of a partitioned table.
-                key = f"t.{quote_ident(self.plan.key.name)}"
-                lower = f" AND {key} >= $1::text::{self.plan.key.type_sql}" if has_lower else ""
-                upper_index = 1 + (self.width if has_lower else 0)
-                parts.append(f"{key} <= ${upper_index}::text::{self.plan.key.type_sql}{lower}")
-        return " AND ".join(parts) if parts else "TRUE"
+    def _predicate(self, key_range: KeyRange) -> tuple[str, list[str]]:
+        """Return the WHERE clause and its parameters for a range, on alias t of either table."""
+        parts: list[str] = []
+        arguments: list[str] = []
+        key = f"t.{quote_ident(self.plan.key.name)}"
+        key_type = self.plan.key.type_sql
+        if key_range.beyond_cap:
+            return f"{key} > $1::text::{key_type}", [key_range.cap]
+        if key_range.lower is not None:
+            parts.append(self.keyset.after(len(arguments) + 1))
+            arguments += key_range.lower
+        if key_range.upper is not None:
+            parts.append(self.keyset.at_most(len(arguments) + 1))
+            arguments += key_range.upper
+        if self.plan.order_columns[0] == self.plan.key.name:
+            # Redundant with the row comparisons, but lets the planner prune partitions.
+            if key_range.lower is not None:
+                parts.append(f"{key} >= ${len(arguments) + 1}::text::{key_type}")
+                arguments.append(key_range.lower[0])
+            if key_range.upper is not None:
+                parts.append(f"{key} <= ${len(arguments) + 1}::text::{key_type}")
+                arguments.append(key_range.upper[0])
+        if key_range.cap is not None:
+            parts.append(f"{key} <= ${len(arguments) + 1}::text::{key_type}")
+            arguments.append(key_range.cap)
+        return (" AND ".join(parts) if parts else "TRUE"), arguments
 
-    async def _next_upper(self, conn: asyncpg.Connection, lower: list[str] | None) -> list[str] | None:
-        where = self.keyset.after(1) if lower else "TRUE"
-        sql = (
-            f"SELECT {', '.join(f'sub.{quote_ident(c)}::text' for c in self.plan.order_columns)} FROM ("
+    async def freeze(self) -> tuple[list[str] | None, str | None]:
+        """Fix what this pass covers: a time cap (for a time key) and the last row at or before it.
+
+        Rows written later reach the copy through the trigger; without a fixed end,
+        a steady insert stream would keep adding new ranges to check.
+        """
+
+        async def work(conn: asyncpg.Connection) -> tuple[list[str] | None, str | None]:
+            cap_sql = time_cap_sql(self.plan)
+            cap = await conn.fetchval(f"SELECT ({cap_sql})::text") if cap_sql else None
+            where, arguments = self._predicate(KeyRange(cap=cap))
+            row = await conn.fetchrow(
+                f"SELECT {self.keyset.as_text()} FROM {self.pair.live} AS t WHERE {where} "
+                f"ORDER BY {self.keyset.order_by(descending=True)} LIMIT 1",
+                *arguments,
+            )
+            return (list(row.values()) if row else None), cap
+
+        return await self.worker.db.run("verify.freeze", work)
+
+    async def _next_upper(
+        self, conn: asyncpg.Connection, lower: list[str] | None, bound: list[str] | None, cap: str | None
+    ) -> list[str] | None:
+        """Return the last row of the next full range after `lower`, or None if fewer rows remain."""
+        where, arguments = self._predicate(KeyRange(lower=lower, upper=bound, cap=cap))
+        limit = self.worker.settings.verify_batch_size
+        columns = ", ".join(f"sub.{quote_ident(c)}::text" for c in self.plan.order_columns)
+        descending = ", ".join(f"sub.{quote_ident(c)} DESC" for c in self.plan.order_columns)
+        rows = await conn.fetch(
+            f"SELECT {columns}, count(*) OVER () AS found FROM ("
             f"SELECT {self.keyset.columns()} FROM {self.pair.live} AS t WHERE {where} "
-            f"ORDER BY {self.keyset.order_by()} LIMIT ${1 + (self.width if lower else 0)}) AS sub "
-            f"ORDER BY {', '.join(f'sub.{quote_ident(c)} DESC' for c in self.plan.order_columns)} LIMIT 1"
+            f"ORDER BY {self.keyset.order_by()} LIMIT ${len(arguments) + 1}) AS sub "
+            f"ORDER BY {descending} LIMIT 1",
+            *arguments,
+            limit,
         )
-        row = await conn.fetchrow(sql, *(lower or []), self.worker.settings.verify_batch_size)
-        if row is None:
+        if not rows or rows[0]["found"] < limit:
             return None
-        return list(row.values())
+        return [rows[0][i] for i in range(self.width)]
 
-    async def _compare(
-        self, conn: asyncpg.Connection, lower: list[str] | None, upper: list[str] | None
-    ) -> tuple[int, bool]:
+    async def _compare(self, conn: asyncpg.Connection, key_range: KeyRange) -> tuple[int, bool]:
         """Return (live row count, equal?) for one range, in the caller's snapshot."""
-        where = self._predicate(lower is not None, upper is not None)
-        arguments = (lower or []) + (upper or [])
+        where, arguments = self._predicate(key_range)
         checksum = checksum_sql(self.plan.table, "t", record_hash=self.record_hash)
         live = await conn.fetchrow(f"{checksum} FROM {self.pair.live} AS t WHERE {where}", *arguments)
         copy = await conn.fetchrow(f"{checksum} FROM {self.pair.copy} AS t WHERE {where}", *arguments)
         equal = live["row_count"] == copy["row_count"] and live["checksum"] == copy["checksum"]
         return live["row_count"], equal
 
-    async def verify_range(self, lower: list[str] | None) -> list[str] | None:
-        """Verify (and repair) the range after `lower`; return its upper bound, None at the end."""
+    async def verify_next(
+        self, lower: list[str] | None, bound: list[str] | None, cap: str | None
+    ) -> tuple[KeyRange, bool]:
+        """Verify (and repair) the next range after `lower`; return it and whether it was the last one."""
 
-        async def work(conn: asyncpg.Connection) -> tuple[list[str] | None, int, bool]:
+        async def work(conn: asyncpg.Connection) -> tuple[KeyRange, bool, int, bool]:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                upper = await self._next_upper(conn, lower)
-                rows, equal = await self._compare(conn, lower, upper)
+                upper = await self._next_upper(conn, lower, bound, cap)
+                last = upper is None
+                # The last range is open-ended, so rows past the frozen bound (written since, or
+                # ghosts with larger keys) are compared too, in this one snapshot.
+                key_range = KeyRange(lower=lower, upper=None if last else upper, cap=cap)
+                rows, equal = await self._compare(conn, key_range)
                 await self.worker.pause_point("verify.range")
-            return upper, rows, equal
+            return key_range, last, rows, equal
 
-        upper, rows, equal = await self.worker.db.run("verify.range", work)
+        key_range, last, rows, equal = await self.worker.db.run("verify.range", work)
+        await self._record(key_range, rows, equal)
+        return key_range, last
+
+    async def verify_tail(self, cap: str) -> None:
+        """Compare the rows dated after the time cap in one snapshot, most of them written since."""
+        key_range = KeyRange(cap=cap, beyond_cap=True)
+
+        async def work(conn: asyncpg.Connection) -> tuple[int, bool]:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await self._compare(conn, key_range)
+
+        rows, equal = await self.worker.db.run("verify.tail", work)
+        await self._record(key_range, rows, equal)
+
+    async def _record(self, key_range: KeyRange, rows: int, equal: bool) -> None:
         self.report.ranges_checked += 1
         self.report.rows_checked += rows
         if equal:
-            return upper
+            return
         self.report.differences_found += 1
         self.worker.log.warning("verify.difference", range_number=self.report.ranges_checked)
-        if not self.repair:
-            return upper
-        await self._repair(lower, upper)
-        self.report.ranges_repaired += 1
-        return upper
+        if self.repair:
+            await self._repair(key_range)
+            self.report.ranges_repaired += 1
 
-    async def _repair(self, lower: list[str] | None, upper: list[str] | None) -> None:
-        where = self._predicate(lower is not None, upper is not None)
-        arguments = (lower or []) + (upper or [])
+    async def _repair(self, key_range: KeyRange) -> None:
+        where, arguments = self._predicate(key_range)
         columns = self.plan.table.copied_columns
         overriding = " OVERRIDING SYSTEM VALUE" if any(c.identity for c in self.plan.table.columns) else ""
 
@@ -187,7 +256,7 @@ class RangeVerifier:
 
             async def recheck(conn: asyncpg.Connection) -> bool:
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
-                    return (await self._compare(conn, lower, upper))[1]
+                    return (await self._compare(conn, key_range))[1]
 
             if await self.worker.db.run("verify.recheck", recheck):
                 self.worker.log.info("verify.repaired", range_number=self.report.ranges_checked,
@@ -210,22 +279,27 @@ def pair_for(plan: Plan, phase: Phase) -> Pair:
 
 async def verify_all(worker: Worker, plan: Plan, pair: Pair, *, repair: bool,
                      start: list[str] | None = None, on_range=None) -> VerifyReport:
-    """Verify every range from `start` to the end of the live table."""
+    """Verify every range from `start` on; ranges stop growing at the limit frozen here."""
     verifier = RangeVerifier(worker, plan, pair, repair=repair)
     verifier.record_hash = await worker.db.run(
         "verify.hash", lambda conn: supports_record_hash(conn, plan.table)
     )
+    bound, cap = await verifier.freeze()
     started = time.monotonic()
     lower = start
     while True:
-        await worker.throttler.wait(worker.stop)
-        upper = await verifier.verify_range(lower)
+        await worker.throttle()
+        key_range, last = await verifier.verify_next(lower, bound, cap)
         verifier.report.seconds = time.monotonic() - started
+        lower = key_range.upper
         if on_range is not None:
-            await on_range(upper, verifier.report)
-        if upper is None:
-            return verifier.report
-        lower = upper
+            await on_range(lower, verifier.report)
+        if last:
+            break
+    if cap is not None:
+        await verifier.verify_tail(cap)
+    verifier.report.seconds = time.monotonic() - started
+    return verifier.report
 
 
 async def run_verify_phase(worker: Worker, plan: Plan, state: MigrationState) -> VerifyReport:

@@ -7,11 +7,13 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import asyncpg
 import structlog
 
 from .db import Database
 from .throttle import Throttler, interruptible_sleep, throttler_for
 from .settings import Settings
+from .state import update_state
 
 
 # Test hooks: coroutines that in-process tests register to run at a named point.
@@ -25,6 +27,7 @@ class Worker:
     stop: asyncio.Event
     log: structlog.typing.FilteringBoundLogger
     throttler: Throttler = field(init=False)
+    _throttle_reason: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.throttler = throttler_for(self.settings.sleep)
@@ -53,6 +56,19 @@ class Worker:
 
     async def sleep(self, seconds: float) -> None:
         await interruptible_sleep(self.stop, seconds)
+
+    async def throttle(self) -> None:
+        """Wait as the throttler says; log and persist its state when the reason changes."""
+        state = self.throttler.state
+        if state.reason != self._throttle_reason:
+            self._throttle_reason = state.reason
+            self.log.info("throttle.changed", throttled=state.throttled, reason=state.reason)
+
+            async def record(conn: asyncpg.Connection) -> None:
+                await update_state(conn, self.schema, self.table, throttle=state.reason)
+
+            await self.db.run("throttle.record", record)
+        await self.throttler.wait(self.stop)
 
 
 def test_pauses() -> dict[str, float]:
