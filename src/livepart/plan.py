@@ -1,8 +1,8 @@
 """Phase 1, plan: introspect the table, run the preflight checks, derive every name.
 
-Nothing here changes the database. `build_plan` returns a Plan whose failed
-checks stop `run` before the first change; `plan_statements` renders the DDL
-that the later phases will run, in order, with the lock each one takes.
+Nothing here changes the database. `build_plan` returns a Plan, and a failed
+check in it stops `run` before the first change. `plan_statements` renders the
+DDL that the later phases will run, in order, with the lock each one takes.
 """
 
 from __future__ import annotations
@@ -159,8 +159,8 @@ def choose_order_columns(table: Table, key: str) -> list[str]:
     """Pick the keyset order for backfill and verify.
 
     (partition key, primary key...) copies the oldest rows first, which suits
-    time-ordered retention, but only if one index serves exactly that order;
-    otherwise the primary key's own index is used.
+    time-ordered retention. It needs one index that serves exactly that order,
+    so without one the primary key's own index is used.
     """
     wanted = [key] + [c for c in table.primary_key if c != key]
     for index in table.indexes:
@@ -359,7 +359,7 @@ async def _key_range(
 
 
 def _beyond_calendar(value: Any) -> bool:
-    """Whether a key is too close to year 9999 for the next bound to exist in Python's calendar."""
+    """Return whether a key is too close to year 9999 for the next bound to exist in Python's calendar."""
     return getattr(value, "year", 0) >= 9999
 
 
@@ -518,7 +518,7 @@ def range_partition_statements(plan: Plan) -> list[ddl.Statement]:
 
 
 def plan_statements(plan: Plan) -> list[ddl.Statement]:
-    """Every statement of prepare and swap, for `livepart plan` to print."""
+    """Build every statement of prepare and swap, in order, for `livepart plan` to print."""
     from .swap import swap_statements  # the swap phase owns its SQL
 
     table = qualified(plan.table.schema, plan.table.name)

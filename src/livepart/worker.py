@@ -58,7 +58,7 @@ class Worker:
         await interruptible_sleep(self.stop, seconds)
 
     async def throttle(self) -> None:
-        """Wait as the throttler says; log and persist its state when the reason changes."""
+        """Wait for the throttler, logging and persisting its state when the reason changes."""
         state = self.throttler.state
         if state.reason != self._throttle_reason:
             self._throttle_reason = state.reason
