@@ -1,4 +1,4 @@
-"""How fast verification's checksum runs: the row's text form against hash_record_extended.
+"""Speed of verification's checksum: the row's text form against hash_record_extended.
 
 Verification sums a 64-bit hash of every row of every range on both tables, so
 the hash decides how long `livepart verify` takes. This script loads LiteLLM
