@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -98,48 +96,6 @@ def parse_arguments() -> argparse.Namespace:
 # -- local measurement ------------------------------------------------------
 
 
-@dataclass
-class Mark:
-    """Clock time, WAL position, writer rows inserted and lengths of the writer's latency lists."""
-
-    seconds: float
-    lsn: str
-    writer_inserts: int
-    latency_counts: dict[str, int]
-
-
-@dataclass
-class Marks:
-    points: dict[str, Mark] = field(default_factory=dict)
-
-    async def take(self, name: str, conn: asyncpg.Connection, writer: Writer) -> None:
-        self.points[name] = Mark(
-            seconds=time.perf_counter(),
-            lsn=await common.wal_lsn(conn),
-            writer_inserts=writer.stats.inserts,
-            latency_counts={kind: len(values) for kind, values in writer.stats.latencies.items()},
-        )
-
-
-def latencies_between(writer: Writer, start: Mark, end: Mark, kind: str | None = None) -> list[float]:
-    """Return the writer's transaction latencies (ms) that completed between two marks."""
-    values: list[float] = []
-    for name, series in writer.stats.latencies.items():
-        if kind is not None and name != kind:
-            continue
-        values += series[start.latency_counts.get(name, 0):end.latency_counts.get(name, len(series))]
-    return [value * 1000 for value in values]
-
-
-async def wal_between(conn: asyncpg.Connection, start: Mark, end: Mark) -> int:
-    return int(await conn.fetchval("SELECT pg_catalog.pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)", end.lsn, start.lsn))
-
-
-def latency_summary(values: list[float]) -> dict[str, Any]:
-    return {"transactions": len(values), "p50_ms": common.percentile(values, 0.5),
-            "p99_ms": common.percentile(values, 0.99), "max_ms": max(values) if values else None}
-
-
 async def measure_backfill(dsn: str, batch_size: int, arguments: argparse.Namespace) -> dict[str, Any]:
     """Run prepare and the backfill under a writer; return the measurements of the backfill."""
     with common.quiet_logs() as events:
@@ -152,15 +108,15 @@ async def _measure_backfill(dsn: str, batch_size: int, arguments: argparse.Names
     writer = Writer(dsn, seed=arguments.seed + 1, pause=arguments.writer_pause)
     stop = asyncio.Event()
     writing = asyncio.create_task(writer.run(stop))
-    marks = Marks()
+    recorder = common.Recorder(monitor, writer)
 
     async def before_backfill() -> None:
-        await marks.take("alone", monitor, writer)
+        await recorder.take("alone")
         await asyncio.sleep(arguments.baseline_seconds)
-        await marks.take("copy_start", monitor, writer)
+        await recorder.take("copy_start")
 
     async def after_backfill() -> None:
-        await marks.take("copy_end", monitor, writer)
+        await recorder.take("copy_end")
         raise common.StopMigration("phase.verify")
 
     try:
@@ -170,9 +126,8 @@ async def _measure_backfill(dsn: str, batch_size: int, arguments: argparse.Names
         state = await monitor.fetchrow(
             "SELECT rows_copied, batches, extract(epoch FROM checkpoint_at - backfill_started_at) AS seconds "
             "FROM livepart.migration WHERE table_schema = 'public' AND table_name = $1", TABLE)
-        alone, start, end = marks.points["alone"], marks.points["copy_start"], marks.points["copy_end"]
-        wal_alone = await wal_between(monitor, alone, start)
-        wal_copy = await wal_between(monitor, start, end)
+        wal_alone = await recorder.wal("alone", "copy_start")
+        wal_copy = await recorder.wal("copy_start", "copy_end")
     finally:
         stop.set()
         await writing
@@ -182,12 +137,12 @@ async def _measure_backfill(dsn: str, batch_size: int, arguments: argparse.Names
     batch_ms = [event["ms"] for event in batches]
     stored = sum(event["stored_bytes"] for event in batches)
     retries = [event for event in common.events_named(events, "retry") if event.get("operation") == "backfill.batch"]
-    seconds = end.seconds - start.seconds
-    alone_seconds = start.seconds - alone.seconds
+    seconds = recorder.seconds("copy_start", "copy_end")
+    alone_seconds = recorder.seconds("alone", "copy_start")
     # The writer's own WAL during the copy, estimated from its rows inserted and its
     # WAL per inserted row while it ran alone.
-    writer_wal_per_row = wal_alone / max(start.writer_inserts - alone.writer_inserts, 1)
-    writer_wal_estimate = writer_wal_per_row * (end.writer_inserts - start.writer_inserts)
+    writer_wal_per_row = wal_alone / max(recorder.writer_inserts("alone", "copy_start"), 1)
+    writer_wal_estimate = writer_wal_per_row * recorder.writer_inserts("copy_start", "copy_end")
     rows = state["rows_copied"]
     return {
         "batch_size": batch_size,
@@ -206,11 +161,11 @@ async def _measure_backfill(dsn: str, batch_size: int, arguments: argparse.Names
         "wal_bytes": wal_copy,
         "wal_bytes_writer_alone_per_second": wal_alone / alone_seconds,
         "wal_bytes_per_writer_insert_alone": writer_wal_per_row,
-        "writer_inserts_during_copy": end.writer_inserts - start.writer_inserts,
+        "writer_inserts_during_copy": recorder.writer_inserts("copy_start", "copy_end"),
         "wal_bytes_copy_estimate": wal_copy - writer_wal_estimate,
         "wal_bytes_per_copied_row_estimate": (wal_copy - writer_wal_estimate) / rows if rows else None,
-        "writer_during_copy": latency_summary(latencies_between(writer, start, end)),
-        "writer_alone": latency_summary(latencies_between(writer, alone, start)),
+        "writer_during_copy": common.latency_summary(recorder.latencies_ms("copy_start", "copy_end")),
+        "writer_alone": common.latency_summary(recorder.latencies_ms("alone", "copy_start")),
         "writer_errors": writer.stats.errors,
         "batch_points": [[event["stored_bytes"], event["ms"]] for event in batches],
     }

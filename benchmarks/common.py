@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from livepart.orchestrator import run_migration
 from livepart.pgserver import LocalPostgres
 from livepart.settings import Settings
 from livepart.workload.litellm import TABLE, RowGenerator, create_legacy_schema, load_rows
-from livepart.workload.writer import CONTROL_TABLE, create_control_table
+from livepart.workload.writer import CONTROL_TABLE, Writer, create_control_table
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCHMARKS_DIR / "results"
@@ -286,6 +287,56 @@ class Stopwatch:
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started
+
+
+# -- marks taken while a writer runs -----------------------------------------
+
+
+@dataclass
+class Mark:
+    """Clock time, WAL position, writer rows inserted and lengths of the writer's latency lists."""
+
+    seconds: float
+    lsn: str
+    writer_inserts: int
+    latency_counts: dict[str, int]
+
+
+@dataclass
+class Recorder:
+    """Marks taken at phase boundaries from a monitoring connection, and what happened between two."""
+
+    conn: asyncpg.Connection
+    writer: Writer
+    marks: dict[str, Mark] = field(default_factory=dict)
+
+    async def take(self, name: str) -> None:
+        self.marks[name] = Mark(time.perf_counter(), await wal_lsn(self.conn), self.writer.stats.inserts,
+                                {kind: len(values) for kind, values in self.writer.stats.latencies.items()})
+
+    def seconds(self, start: str, end: str) -> float:
+        return self.marks[end].seconds - self.marks[start].seconds
+
+    def writer_inserts(self, start: str, end: str) -> int:
+        return self.marks[end].writer_inserts - self.marks[start].writer_inserts
+
+    async def wal(self, start: str, end: str) -> int:
+        return int(await self.conn.fetchval("SELECT pg_catalog.pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)",
+                                            self.marks[end].lsn, self.marks[start].lsn))
+
+    def latencies_ms(self, start: str, end: str, kind: str | None = None) -> list[float]:
+        """Return the writer's transaction latencies (ms) that completed between two marks."""
+        first, last = self.marks[start].latency_counts, self.marks[end].latency_counts
+        values: list[float] = []
+        for name, series in self.writer.stats.latencies.items():
+            if kind is None or name == kind:
+                values += series[first.get(name, 0):last.get(name, len(series))]
+        return [value * 1000 for value in values]
+
+
+def latency_summary(values: list[float]) -> dict[str, Any]:
+    return {"transactions": len(values), "p50_ms": percentile(values, 0.5),
+            "p99_ms": percentile(values, 0.99), "max_ms": max(values) if values else None}
 
 
 # -- logs -------------------------------------------------------------------

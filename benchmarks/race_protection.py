@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -82,52 +80,6 @@ def parse_arguments() -> argparse.Namespace:
     return arguments
 
 
-@dataclass
-class Mark:
-    """Clock time, WAL position, writer rows inserted and lengths of the writer's latency lists."""
-
-    seconds: float
-    lsn: str
-    writer_inserts: int
-    latency_counts: dict[str, int]
-
-
-@dataclass
-class Recorder:
-    """Marks taken at phase boundaries from a monitoring connection."""
-
-    conn: asyncpg.Connection
-    writer: Writer
-    marks: dict[str, Mark] = field(default_factory=dict)
-
-    async def take(self, name: str) -> None:
-        self.marks[name] = Mark(time.perf_counter(), await common.wal_lsn(self.conn), self.writer.stats.inserts,
-                                {kind: len(values) for kind, values in self.writer.stats.latencies.items()})
-
-    def seconds(self, start: str, end: str) -> float:
-        return self.marks[end].seconds - self.marks[start].seconds
-
-    def writer_inserts(self, start: str, end: str) -> int:
-        return self.marks[end].writer_inserts - self.marks[start].writer_inserts
-
-    async def wal(self, start: str, end: str) -> int:
-        return int(await self.conn.fetchval("SELECT pg_catalog.pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)",
-                                            self.marks[end].lsn, self.marks[start].lsn))
-
-    def latencies_ms(self, start: str, end: str, kind: str | None = None) -> list[float]:
-        first, last = self.marks[start].latency_counts, self.marks[end].latency_counts
-        values: list[float] = []
-        for name, series in self.writer.stats.latencies.items():
-            if kind is None or name == kind:
-                values += series[first.get(name, 0):last.get(name, len(series))]
-        return [value * 1000 for value in values]
-
-
-def latency_summary(values: list[float]) -> dict[str, Any]:
-    return {"transactions": len(values), "p50_ms": common.percentile(values, 0.5),
-            "p99_ms": common.percentile(values, 0.99), "max_ms": max(values) if values else None}
-
-
 def batch_in_flight(conn: asyncpg.Connection):
     """Return a target_range callback: the day after the backfill's checkpoint, while it copies."""
 
@@ -161,7 +113,7 @@ async def _measure_run(dsn: str, strategy: str, arguments: argparse.Namespace,
         targeted_delete_rows=arguments.targeted_delete_rows,
         target_range=batch_in_flight(callback_conn),
     )
-    recorder = Recorder(monitor, writer)
+    recorder = common.Recorder(monitor, writer)
     shadow_before_verify: dict[str, int] = {}
 
     async def at_backfill() -> None:
@@ -234,10 +186,10 @@ async def _measure_run(dsn: str, strategy: str, arguments: argparse.Namespace,
         "verify_differences": state["verify_differences"],
         "ranges_repaired": state["verify_repaired"],
         "shadow_before_verify": shadow_before_verify,
-        "writer_backfill": latency_summary(recorder.latencies_ms("backfill_start", "backfill_end")),
-        "writer_backfill_targeted_delete": latency_summary(
+        "writer_backfill": common.latency_summary(recorder.latencies_ms("backfill_start", "backfill_end")),
+        "writer_backfill_targeted_delete": common.latency_summary(
             recorder.latencies_ms("backfill_start", "backfill_end", TARGETED_DELETE)),
-        "writer_backfill_retention_delete": latency_summary(
+        "writer_backfill_retention_delete": common.latency_summary(
             recorder.latencies_ms("backfill_start", "backfill_end", RETENTION_DELETE)),
         "writer_stats": writer.stats.summary(),
         "targeted_deletes_committed": writer.stats.operations[TARGETED_DELETE],
