@@ -122,10 +122,10 @@ async def freeze_upper_bound(conn: asyncpg.Connection, plan: Plan) -> tuple[list
 
 async def run_backfill(worker: Worker, plan: Plan, state: MigrationState) -> None:
     table = plan.table
-    upper_bound, pending = state.upper_bound, state.pending_rows
+    upper_bound, cap, pending = state.upper_bound, state.freeze_cap, state.pending_rows
     if upper_bound is None:
 
-        async def freeze(conn: asyncpg.Connection) -> tuple[list[str], int]:
+        async def freeze(conn: asyncpg.Connection) -> tuple[list[str], str | None, int]:
             async with conn.transaction():
                 await conn.execute(
                     f"DELETE FROM {STATE_SCHEMA}.backfill_pending WHERE table_schema = $1 AND table_name = $2",
@@ -138,12 +138,12 @@ async def run_backfill(worker: Worker, plan: Plan, state: MigrationState) -> Non
                     backfill_started_at=await conn.fetchval("SELECT now()"),
                     rows_estimated=await estimate_rows(conn, table.schema, plan.names.table),
                 )
-            return bound, pending_rows
+            return bound, cap, pending_rows
 
-        upper_bound, pending = await worker.db.run("backfill.freeze", freeze)
+        upper_bound, cap, pending = await worker.db.run("backfill.freeze", freeze)
         worker.log.info("backfill.start", order=plan.order_columns, rows_after_time_cap=pending)
 
-    copier = BatchCopier(worker, plan, list(upper_bound), (await _reload_cap(worker, plan)))
+    copier = BatchCopier(worker, plan, list(upper_bound), cap)
     if upper_bound:
         await copier.copy_all()
     if pending:
@@ -159,16 +159,6 @@ async def run_backfill(worker: Worker, plan: Plan, state: MigrationState) -> Non
 
     await worker.db.run("backfill.finish", finish)
     worker.log.info("backfill.done")
-
-
-async def _reload_cap(worker: Worker, plan: Plan) -> str | None:
-    async def work(conn: asyncpg.Connection) -> str | None:
-        return await conn.fetchval(
-            f"SELECT freeze_cap FROM {STATE_SCHEMA}.migration WHERE table_schema = $1 AND table_name = $2",
-            plan.table.schema, plan.table.name,
-        )
-
-    return await worker.db.run("backfill.cap", work)
 
 
 class BatchCopier:
@@ -194,10 +184,17 @@ class BatchCopier:
         return " AND ".join(parts)
 
     def _parameters(self, upper: list[str], lower: list[str] | None) -> list[str]:
-        return list(upper) + (list(lower) if lower is not None else []) + ([self.cap] if self.cap else [])
+        """Order the parameters as _range_predicate numbers them: upper, lower, cap."""
+        parameters = list(upper)
+        if lower is not None:
+            parameters += lower
+        if self.cap is not None:
+            parameters.append(self.cap)
+        return parameters
 
     def _cut_sql(self, has_lower: bool) -> str:
-        limit = 1 + self.width * (2 if has_lower else 1) + (1 if self.cap is not None else 0)
+        placeholders = len(self._parameters(self.upper_bound, self.upper_bound if has_lower else None))
+        limit = placeholders + 1
         return (
             f"SELECT {self.keyset.as_text()}, {stored_size_sql(self.plan.table, 'src')} AS stored_bytes "
             f"FROM {self.source} AS src WHERE {self._range_predicate(has_lower)} "
