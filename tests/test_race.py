@@ -66,9 +66,9 @@ async def stress(dsn: str, seed: int, *, unsafe: bool, monkeypatch) -> StressOut
             return checkpoint[0], (low + timedelta(days=1)).isoformat(sep=" ")
 
         stop = asyncio.Event()
-        # Duplicates come from the writer that also moves rows, because a writer only knows the
+        # Duplicates come from the writer that also moves rows, because a writer only tracks the
         # current "startTime" of the rows it moved itself. A resend with a stale "startTime" is
-        # not a conflict once the key is (request_id, "startTime"); the README says so.
+        # not a conflict once the key is (request_id, "startTime"), so it would be stored twice.
         proxy = Writer(dsn, seed=seed + 1, pause=0.01, duplicate_fraction=0.0, retention_fraction=0.1,
                        update_fraction=0.05)
         attacker = Writer(dsn, seed=seed + 2, pause=0.002, batch_size=10, duplicate_fraction=0.3,

@@ -166,7 +166,8 @@ async def test_two_workers_only_one_proceeds(dsn: str) -> None:
     loser = first if first.process.returncode == 3 else second
     message = "\n".join(loser.other_lines)
     assert "another livepart worker is already migrating public.LiteLLM_SpendLogs" in message
-    assert "pid" in message and "since" in message
+    assert "pid" in message
+    assert "since" in message
     assert loser.named("phase.start") == []
 
 

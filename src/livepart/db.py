@@ -57,7 +57,7 @@ def is_connection_error(error: BaseException) -> bool:
 
 
 def describe_error(error: BaseException) -> str:
-    """One line naming the error class, its SQLSTATE and message (no DETAIL, which may hold row values)."""
+    """Return one line with the error class, SQLSTATE and message, leaving out DETAIL, which may contain row values."""
     sqlstate = getattr(error, "sqlstate", None)
     text = str(error).splitlines()[0] if str(error) else ""
     name = type(error).__name__

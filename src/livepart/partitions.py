@@ -1,7 +1,7 @@
 """Partition bounds: computed in UTC with the partition key's own type.
 
-Bounds of a `timestamp` key are wall-clock literals without a zone; bounds of a
-`timestamptz` key carry an explicit `+00`; neither depends on the session
+Bounds of a `timestamp` key are wall-clock literals without a zone, and bounds
+of a `timestamptz` key carry an explicit `+00`. Neither depends on the session
 TimeZone, so no DST change or client setting can move a bound or leave a gap.
 Partition names follow the `<table>_pYYYYMMDD` / `<table>_pdefault` pattern
 that LiteLLM's own partition manager uses, so it recognises them after the swap.

@@ -96,8 +96,8 @@ async def install_forward_trigger(worker: Worker, plan: Plan, *, replace: bool =
     CREATE TRIGGER waits for SHARE ROW EXCLUSIVE on the old table, so every
     write already in flight finishes first and every later write fires the
     trigger. The wait is bounded by lock_timeout and retried. With `replace`,
-    existing triggers are dropped first; without it, a retry after a commit
-    whose acknowledgement was lost finds the phase already moved on and stops.
+    existing triggers are dropped first. Without it, a retry after a commit whose
+    acknowledgement was lost finds the phase already moved on and does nothing.
     """
     spec = plan.forward_trigger()
     statements = (drop_statements(spec) if replace else []) + install_statements(spec, plan.table.owner)

@@ -1,7 +1,7 @@
 """Throttling between batches.
 
-The copy loop only asks the throttler to wait and reads its cheap "throttled,
-why" state; the state is logged when it changes, not on every batch.
+The copy loop only waits on the throttler and reads its cheap "throttled, why"
+state. The state is logged when it changes, not on every batch.
 """
 
 from __future__ import annotations

@@ -10,11 +10,12 @@ docs/benchmarks.md for the measurement).
 Three rules hold for every trigger built here:
 - Columns are named everywhere, never `SELECT *` or `NEW.*`, because the two
   tables may have different physical column orders.
-- The trigger never raises into the application's transaction. A failure is
-  caught, the shadow write of that statement is rolled back (the EXCEPTION
-  block is a subtransaction) and the failure is recorded in
-  livepart.trigger_error. Verification then repairs the affected rows, and the
-  swap refuses to run while unverified errors exist.
+- A failed shadow write does not fail the application's statement. The
+  EXCEPTION block (a subtransaction) rolls the shadow write back and records
+  the failure in livepart.trigger_error. Verification then repairs the
+  affected rows, and the swap refuses to run while unverified errors exist.
+  Two cases still reach the application: a query cancel, which PL/pgSQL's
+  OTHERS does not catch, and a failure of the recording insert itself.
 - Functions are SECURITY DEFINER with a pinned search_path, owned by the table
   owner, so an application role that may write the old table needs no
   privilege on the shadow table.
@@ -32,7 +33,7 @@ EVENTS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
 
 @dataclass(frozen=True)
 class TriggerSpec:
-    """How one dual-write direction maps the source's rows onto the target."""
+    """Mapping of one dual-write direction from the source's rows onto the target."""
 
     source: str  # qualified source table
     target: str  # qualified target table
